@@ -1,0 +1,34 @@
+"""`attnserve evaluate CKPT`: greedy exact match and token accuracy of a checkpoint on its task's test split."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .checkpoint import CheckpointError, load_model
+from .tasks import CorpusError, load_task, tsv_task
+from .train import TrainConfig, encode_pairs, evaluate
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="attnserve evaluate", description=__doc__)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--data", type=Path, help="TSV corpus the checkpoint was trained on (default: its task)")
+    p.add_argument("--split", choices=["validation", "test"], default="test")
+    args = p.parse_args(argv)
+    try:
+        model, tok, config = load_model(args.checkpoint)
+        seed = config.get("training", {}).get("seed", 0)
+        task = tsv_task(args.data, seed) if args.data else load_task(config["task"], seed)
+    except (CheckpointError, CorpusError, ValueError) as e:
+        print(f"attnserve evaluate: error: {e}", file=sys.stderr)
+        return 2
+    pairs = encode_pairs(tok, getattr(task, args.split))
+    start = time.monotonic()
+    m = evaluate(model, pairs, TrainConfig())
+    print(f"{task.name} {args.split} split ({len(pairs)} held-out pairs): exact match {m['exact_match']:.4f}, "
+          f"token accuracy {m['token_accuracy']:.4f}, loss {m['loss']:.3f} "
+          f"[{model.num_parameters():,} parameters, {time.monotonic() - start:.1f} s]")
+    return 0

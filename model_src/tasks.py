@@ -1,0 +1,183 @@
+"""Built-in tasks (`dates`, `reverse`, `copy`) generated from a seed, and user corpora from a TSV file.
+
+Every task yields (source, target) string pairs in three disjoint splits. Disjointness is by the underlying
+item (the calendar date for `dates`, the string for `reverse`/`copy`), so the test split holds only dates or
+strings the model never saw in training, in any format.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+Pair = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class TaskData:
+    name: str
+    train: list[Pair]
+    validation: list[Pair]
+    test: list[Pair]
+
+    def texts(self):
+        for split in (self.train, self.validation, self.test):
+            for src, tgt in split:
+                yield src
+                yield tgt
+
+
+def _bucket(key: str, seed: int) -> int:
+    """A stable 0..99 bucket for `key`: 0-79 train, 80-89 validation, 90-99 test."""
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) % 100
+
+
+def _split_of(key: str, seed: int) -> str:
+    b = _bucket(key, seed)
+    return "train" if b < 80 else ("validation" if b < 90 else "test")
+
+
+# ---------------------------------------------------------------- dates
+MONTHS = {
+    "en": ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"],
+    "fr": ["janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre", "octobre",
+           "novembre", "décembre"],
+    "de": ["Januar", "Februar", "März", "April", "Mai", "Juni", "Juli", "August", "September", "Oktober",
+           "November", "Dezember"],
+    "es": ["enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre", "octubre",
+           "noviembre", "diciembre"],
+}
+WEEKDAYS = {
+    "en": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
+    "fr": ["lundi", "mardi", "mercredi", "jeudi", "vendredi", "samedi", "dimanche"],
+    "de": ["Montag", "Dienstag", "Mittwoch", "Donnerstag", "Freitag", "Samstag", "Sonntag"],
+    "es": ["lunes", "martes", "miércoles", "jueves", "viernes", "sábado", "domingo"],
+}
+DATE_MIN, DATE_MAX = dt.date(1950, 1, 1), dt.date(2049, 12, 31)  # two-digit years: 50-99 -> 19xx, 00-49 -> 20xx
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 11 <= n % 100 <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _date_formats(d: dt.date) -> list[str]:
+    """Ways people write `d`. Numeric forms are day-first (dd/mm/yy, dd.mm.yyyy) or ISO-like year-first, never
+    month-first, so that every string has exactly one reading."""
+    day, mon, year, wd = d.day, d.month, d.year, d.weekday()
+    en, fr, de, es = MONTHS["en"][mon - 1], MONTHS["fr"][mon - 1], MONTHS["de"][mon - 1], MONTHS["es"][mon - 1]
+    yy = f"{year % 100:02d}"
+    fr_day = "1er" if day == 1 else str(day)
+    return [
+        f"{_ordinal(day)} of {en} {year}", f"{en} {day}, {year}", f"{day} {en} {year}", f"{en[:3]} {day} {year}",
+        f"{WEEKDAYS['en'][wd]}, {en} {day}, {year}", f"{day} {en[:3].upper()} {year}", f"{en} {_ordinal(day)}, {year}",
+        f"{WEEKDAYS['fr'][wd]} {fr_day} {fr} {year}", f"{fr_day} {fr} {year}", f"le {fr_day} {fr} {year}",
+        f"{day}. {de} {year}", f"{WEEKDAYS['de'][wd]}, {day}. {de} {year}",
+        f"{day} de {es} de {year}", f"{WEEKDAYS['es'][wd]}, {day} de {es} de {year}",
+        f"{day:02d}/{mon:02d}/{yy}", f"{day:02d}/{mon:02d}/{year}", f"{day}/{mon}/{year}",
+        f"{day:02d}.{mon:02d}.{year}", f"{year}/{mon:02d}/{day:02d}", f"{year}-{mon:02d}-{day:02d}",
+    ]
+
+
+def dates_task(seed: int = 0, n_train: int = 60000, n_eval: int = 1000) -> TaskData:
+    """Dates in many formats and four languages, to ISO 8601 (e.g. "mardi 3 mars 2021" -> "2021-03-02")."""
+    days = (DATE_MAX - DATE_MIN).days + 1
+    pools: dict[str, list[dt.date]] = {"train": [], "validation": [], "test": []}
+    for i in range(days):
+        d = DATE_MIN + dt.timedelta(days=i)
+        pools[_split_of(d.isoformat(), seed)].append(d)
+    rng = random.Random(seed)
+
+    def sample(pool: list[dt.date], n: int) -> list[Pair]:
+        out = []
+        for _ in range(n):
+            d = rng.choice(pool)
+            out.append((rng.choice(_date_formats(d)), d.isoformat()))
+        return out
+
+    return TaskData("dates", sample(pools["train"], n_train), sample(pools["validation"], n_eval),
+                    sample(pools["test"], n_eval))
+
+
+# ---------------------------------------------------------------- reverse / copy
+def _string_task(name: str, transform, seed: int, n_train: int, n_eval: int, min_len: int = 1,
+                 max_len: int = 16) -> TaskData:
+    rng = random.Random(seed)
+    alphabet = string.ascii_lowercase
+    splits: dict[str, list[Pair]] = {"train": [], "validation": [], "test": []}
+    wanted = {"train": n_train, "validation": n_eval, "test": n_eval}
+    seen: set[str] = set()
+    while any(len(splits[k]) < wanted[k] for k in splits):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(min_len, max_len)))
+        split = _split_of(s, seed)
+        if len(splits[split]) >= wanted[split] or (split != "train" and s in seen):
+            continue
+        seen.add(s)
+        splits[split].append((s, transform(s)))
+    return TaskData(name, splits["train"], splits["validation"], splits["test"])
+
+
+def reverse_task(seed: int = 0, n_train: int = 60000, n_eval: int = 1000) -> TaskData:
+    """Lowercase strings of length 1-16 to their reverse."""
+    return _string_task("reverse", lambda s: s[::-1], seed, n_train, n_eval)
+
+
+def copy_task(seed: int = 0, n_train: int = 60000, n_eval: int = 1000) -> TaskData:
+    """Lowercase strings of length 1-16 to themselves."""
+    return _string_task("copy", lambda s: s, seed, n_train, n_eval)
+
+
+TASKS = {"dates": dates_task, "reverse": reverse_task, "copy": copy_task}
+
+
+def load_task(name: str, seed: int = 0) -> TaskData:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(sorted(TASKS))}, or pass --data FILE.tsv")
+    return TASKS[name](seed)
+
+
+# ---------------------------------------------------------------- user data
+class CorpusError(ValueError):
+    """A user corpus that cannot be used; the message names the file and line."""
+
+
+def read_tsv(path: Path) -> list[Pair]:
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: no such file")
+    pairs: list[Pair] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise CorpusError(f"{path}:{lineno}: expected 'source<TAB>target', found {len(parts)} "
+                                  f"tab-separated field(s)")
+            src, tgt = parts
+            if not src.strip() or not tgt.strip():
+                raise CorpusError(f"{path}:{lineno}: empty {'source' if not src.strip() else 'target'}")
+            pairs.append((src, tgt))
+    if not pairs:
+        raise CorpusError(f"{path}: the corpus is empty (no 'source<TAB>target' lines)")
+    return pairs
+
+
+def tsv_task(path: Path, seed: int = 0) -> TaskData:
+    """A user corpus split 80/10/10 by a stable hash of the source, so a repeated source stays in one split."""
+    pairs = read_tsv(path)
+    splits: dict[str, list[Pair]] = {"train": [], "validation": [], "test": []}
+    for pair in pairs:
+        splits[_split_of(pair[0], seed)].append(pair)
+    if not splits["train"]:
+        raise CorpusError(f"{path}: too few lines to hold out validation and test data ({len(pairs)} line(s))")
+    # Tiny corpora: fall back to evaluating on training pairs rather than on nothing.
+    validation = splits["validation"] or splits["train"][:50]
+    test = splits["test"] or validation
+    return TaskData(Path(path).stem, splits["train"], validation, test)

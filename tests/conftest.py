@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny seeded model, trained briefly and exported once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where onnxruntime offers CUDA; elsewhere they are deselected, and say so."""
+    try:
+        import onnxruntime as ort
+
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if "gpu" not in item.keywords]
+        print(f"\n{len(gpu)} gpu test(s) deselected: no CUDA execution provider here")
+
+
+TINY = {"d_model": 32, "n_heads": 4, "n_encoder_layers": 2, "n_decoder_layers": 2, "d_ff": 64, "dropout": 0.0}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny model trained for a few hundred steps on `reverse` (lengths 1-8), so greedy outputs are not noise."""
+    from model_src.tasks import _string_task
+    from model_src.train import TrainConfig, train
+
+    task = _string_task("reverse", lambda s: s[::-1], seed=0, n_train=3000, n_eval=80, max_len=8)
+    out = tmp_path_factory.mktemp("ckpt") / "reverse"
+    cfg = TrainConfig(steps=150, batch_size=64, warmup=50, eval_every=150, eval_examples=32, seed=0,
+                      lr_factor=2.0, max_new_tokens=12)
+    train(task, out, dict(TINY), cfg, progress=False)
+    return out
