@@ -123,9 +123,23 @@ class MultiHeadAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, Tq, C)  # (B, Tq, nh*hs)
         return self.out_proj(y), probs
 
-    def forward(self, x_q: Tensor, x_kv: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        k, v = self.project_kv(x_kv)
-        return self.attend(x_q, k, v, mask)
+    def forward(self, x_q: Tensor, x_kv: Tensor | None, mask: Tensor, past_k: Tensor | None = None,
+                past_v: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Attend from `x_q` to the keys/values of `x_kv`, appended to `past_k`/`past_v` (B, nh, P, hs) if given.
+
+        With `x_kv` None the block attends to `past_k`/`past_v` alone (cross-attention keys computed once).
+        Every call goes through here so that each block keeps its own scope in the exported graph.
+        Returns the output (B, Tq, C), probabilities (B, nh, Tq, Tk) and the keys/values attended to.
+        """
+        if x_kv is None:
+            k, v = past_k, past_v
+        else:
+            k, v = self.project_kv(x_kv)
+            if past_k is not None:
+                k = torch.cat([past_k, k], dim=2)  # (B, nh, P+T, hs)
+                v = torch.cat([past_v, v], dim=2)
+        out, probs = self.attend(x_q, k, v, mask)
+        return out, probs, k, v
 
 
 class FeedForward(nn.Module):
@@ -150,7 +164,7 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         h = self.norm1(x)
-        a, probs = self.self_attn(h, h, mask)
+        a, probs, _, _ = self.self_attn(h, h, mask)
         x = x + self.dropout(a)
         x = x + self.dropout(self.ff(self.norm2(x)))
         return x, probs
@@ -167,15 +181,16 @@ class DecoderLayer(nn.Module):
         self.ff = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, self_k: Tensor, self_v: Tensor, self_mask: Tensor,
-                cross_k: Tensor, cross_v: Tensor, cross_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`self_k`/`self_v` already include this step's own keys/values (see `Seq2SeqTransformer`)."""
-        a, self_probs = self.self_attn.attend(self.norm1(x), self_k, self_v, self_mask)
+    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, self_mask: Tensor, cross_k: Tensor,
+                cross_v: Tensor, cross_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x (B, T, C); returns x, this layer's self-attention keys/values with x's appended, and both probs."""
+        h = self.norm1(x)
+        a, self_probs, k, v = self.self_attn(h, h, self_mask, past_k, past_v)
         x = x + self.dropout(a)
-        c, cross_probs = self.cross_attn.attend(self.norm2(x), cross_k, cross_v, cross_mask)
+        c, cross_probs, _, _ = self.cross_attn(self.norm2(x), None, cross_mask, cross_k, cross_v)
         x = x + self.dropout(c)
         x = x + self.dropout(self.ff(self.norm3(x)))
-        return x, self_probs, cross_probs
+        return x, k, v, self_probs, cross_probs
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
@@ -266,10 +281,7 @@ class Seq2SeqTransformer(nn.Module):
         attn_mask = self_mask[:, None, :, :]  # (B, 1, T, P+T)
         present_k, present_v, self_probs, cross_probs = [], [], [], []
         for i, layer in enumerate(self.decoder):
-            k_new, v_new = layer.self_attn.project_kv(layer.norm1(x))  # (B, nh, T, hs)
-            k = torch.cat([self_k_past[i], k_new], dim=2)  # (B, nh, P+T, hs)
-            v = torch.cat([self_v_past[i], v_new], dim=2)
-            x, sp, cp = layer(x, k, v, attn_mask, cross_k[i], cross_v[i], cross_mask)
+            x, k, v, sp, cp = layer(x, self_k_past[i], self_v_past[i], attn_mask, cross_k[i], cross_v[i], cross_mask)
             present_k.append(k)
             present_v.append(v)
             self_probs.append(sp)

@@ -47,3 +47,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
                       lr_factor=2.0, max_new_tokens=12)
     train(task, out, dict(TINY), cfg, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported once, as models/tiny/1."""
+    from export.pipeline import ExportConfig, export_checkpoint
+
+    repo = tmp_path_factory.mktemp("models")
+    export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, repo=repo, name="tiny", max_new_tokens=12,
+                                   greedy_inputs=64), progress=lambda _: None)
+    return repo

@@ -22,7 +22,7 @@ def test_attention_equals_sdpa_with_padding_mask():
     x_q, x_kv = torch.randn(3, 5, 32), torch.randn(3, 7, 32)
     mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
     mask[1, ..., 4:] = False
-    out, probs = mha(x_q, x_kv, mask)
+    out, probs, _, _ = mha(x_q, x_kv, mask)
     q = mha._split_heads(mha.q_proj(x_q))
     k, v = mha.project_kv(x_kv)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, Tq, hs)
@@ -36,7 +36,7 @@ def test_causal_mask_equals_sdpa_is_causal():
     mha = _mha()
     x = torch.randn(2, 6, 32)
     causal = torch.ones(6, 6, dtype=torch.bool).tril()
-    out, probs = mha(x, x, causal)
+    out, probs, _, _ = mha(x, x, causal)
     q = mha._split_heads(mha.q_proj(x))
     k, v = mha.project_kv(x)
     ref = mha.out_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 6, 32))
@@ -48,7 +48,7 @@ def test_fully_masked_row_gives_zeros_not_nan():
     mha = _mha()
     x = torch.randn(1, 4, 32)
     mask = torch.zeros(1, 1, 1, 4, dtype=torch.bool)
-    out, probs = mha(x, x, mask)
+    out, probs, _, _ = mha(x, x, mask)
     assert not torch.isnan(out).any() and not torch.isnan(probs).any()
     assert probs.abs().max().item() == 0.0
 

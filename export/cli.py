@@ -1,0 +1,94 @@
+"""`attnserve export` and `attnserve inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .repository import MANIFEST, RepositoryError, read_manifest
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="attnserve export",
+                                description="Export a checkpoint to a validated version in a model repository.")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--repo", type=Path, default=Path("models"))
+    p.add_argument("--name", default="default")
+    p.add_argument("--version", type=int, help="default: the next integer")
+    p.add_argument("--opset", type=int, default=20)
+    p.add_argument("--quantize", choices=["int8"], help="ONNX Runtime dynamic int8 quantization")
+    p.add_argument("--max-int8-drop", type=float, default=0.02,
+                   help="refuse int8 if held-out exact match drops more than this vs fp32 (default 0.02)")
+    p.add_argument("--greedy-inputs", type=int, default=128, help="held-out inputs for the greedy check (>= 64)")
+    p.add_argument("--attention-tolerance", type=float, default=1e-5,
+                   help="max abs difference allowed on attention probabilities (never above 1e-4)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.attention_tolerance > 1e-4:
+        p.error("--attention-tolerance may not exceed 1e-4")
+    if args.greedy_inputs < 64:
+        p.error("--greedy-inputs must be at least 64")
+
+    from model_src.checkpoint import CheckpointError
+
+    from .pipeline import ExportConfig, export_checkpoint
+    from .validate import Tolerances, ValidationError
+
+    cfg = ExportConfig(checkpoint=args.checkpoint, repo=args.repo, name=args.name, version=args.version,
+                       opset=args.opset, quantize=args.quantize, max_int8_drop=args.max_int8_drop,
+                       greedy_inputs=args.greedy_inputs, tolerances=Tolerances(attention=args.attention_tolerance))
+    try:
+        final = export_checkpoint(cfg, progress=lambda msg: print(msg, flush=True))
+    except (CheckpointError, RepositoryError, ValidationError) as e:
+        print(f"attnserve export: error: {e}\nnothing was published", file=sys.stderr)
+        return 1
+    report = read_manifest(final)["validation"]
+    d = report["parity"]["max_abs_diff"]
+    print(f"parity: logits {d['logits']:.2e}, attention {d['attention']:.2e}, row sums {d['row_sum']:.2e}; "
+          f"greedy identical on {report['greedy']['identical']}/{report['greedy']['inputs']} held-out inputs")
+    if "quantization" in report:
+        q = report["quantization"]
+        print(f"int8: exact match {q['exact_match_int8']} vs fp32 {q['exact_match_fp32']}")
+    return 0
+
+
+def format_blocks(manifest: dict) -> str:
+    rows = [("graph", "block", "layer", "kind", "heads", "head_dim", "probabilities")]
+    for b in manifest["attention_blocks"]:
+        rows.append((b["graph"], b["block"], str(b["layer"]), b["kind"], str(b["heads"]), str(b["head_dim"]),
+                     f"yes ({b['probabilities_output']})" if b["probabilities_output"] else "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def inspect_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="attnserve inspect",
+                                description="List the attention blocks found in an exported version's graphs.")
+    p.add_argument("version_dir", type=Path, help="models/NAME/VERSION")
+    args = p.parse_args(argv)
+    if not (args.version_dir / MANIFEST).is_file():
+        print(f"attnserve inspect: error: {args.version_dir} has no {MANIFEST}", file=sys.stderr)
+        return 2
+    import onnx
+
+    from .blocks import expected_blocks, find_blocks
+
+    manifest = read_manifest(args.version_dir)
+    cfg = manifest["model_config"]
+    found, problems = [], []
+    for name, meta in manifest["graphs"].items():
+        blocks = find_blocks(onnx.load(str(args.version_dir / meta["file"])), name, cfg["d_model"] // cfg["n_heads"])
+        want = expected_blocks(cfg, name)
+        if len(blocks) != want:
+            problems.append(f"{name}: {len(blocks)} attention blocks in the graph, config implies {want}")
+        problems += [f"{name}: {b.block} has {b.heads} heads, config says {cfg['n_heads']}"
+                     for b in blocks if b.heads != cfg["n_heads"]]
+        found += [b.to_dict() for b in blocks]
+    print(f"{manifest['name']} v{manifest['version']} ({manifest['precision']}, opset {manifest['opset']}): "
+          f"{len(found)} attention blocks")
+    print(format_blocks({"attention_blocks": found}))
+    for problem in problems:
+        print(f"MISMATCH: {problem}", file=sys.stderr)
+    return 1 if problems else 0

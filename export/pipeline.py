@@ -1,0 +1,164 @@
+"""Checkpoint in, validated version of the model repository out: export, check, compare, quantize, publish."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+from model_src.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_model
+from model_src.tasks import TASKS, load_task
+
+from . import repository
+from .blocks import expected_blocks, find_blocks, tag_blocks
+from .graphs import GRAPHS, export_graph
+from .validate import Tolerances, ValidationError, check_graphs, enforce, exact_match, greedy_agreement, parity, session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    checkpoint: Path
+    repo: Path = Path("models")
+    name: str = "default"
+    version: int | None = None  # None: the next integer
+    opset: int = 20
+    quantize: str | None = None  # None or "int8" (ONNX Runtime dynamic quantization)
+    max_int8_drop: float = 0.02  # largest exact-match drop of int8 vs fp32 that may still be published
+    parity_inputs: int = 64
+    greedy_inputs: int = 128
+    max_new_tokens: int = 48
+    seed: int = 0
+    tolerances: Tolerances = field(default_factory=Tolerances)
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import onnxscript
+    import torch
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnxscript": onnxscript.__version__}
+
+
+def _checkpoint_hash(ckpt: Path) -> str:
+    h = hashlib.sha256()
+    for name in (WEIGHTS, CONFIG, TOKENIZER):
+        h.update(repository.sha256_file(ckpt / name).encode())
+    return h.hexdigest()
+
+
+def _held_out(config: dict, tok, vocab: int, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """The task's test split; for a user corpus (not rebuildable here) random token strings stand in."""
+    if config.get("task") in TASKS:
+        pairs = load_task(config["task"], config.get("training", {}).get("seed", 0)).test
+        return [(tok.encode(s), tok.encode(t)) for s, t in pairs[:n]]
+    rng = random.Random(seed)
+    return [([rng.randrange(4, vocab) for _ in range(rng.randint(1, 24))], []) for _ in range(n)]
+
+
+def _io_spec(model: onnx.ModelProto) -> dict:
+    def spec(values):
+        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    return {"inputs": spec(model.graph.input), "outputs": spec(model.graph.output)}
+
+
+def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print) -> Path:
+    """Run the whole export; returns the published version folder. Leaves the repository untouched on failure."""
+    t0 = time.monotonic()
+    progress(f"[1/6] loading checkpoint {cfg.checkpoint}")
+    model, tok, ckpt_config = load_model(cfg.checkpoint)
+    mcfg = model.config.to_dict()
+    version, staging = repository.prepare(cfg.repo, cfg.name, cfg.version)
+    try:
+        paths = {name: staging / f"{name}.onnx" for name in GRAPHS}
+        graphs_meta, blocks = {}, []
+        for i, (name, path) in enumerate(paths.items(), start=1):
+            progress(f"[2/6] exporting graph {i}/4: {name}")
+            export_graph(model, name, path, cfg.opset)
+            proto = onnx.load(str(path))
+            tag_blocks(proto)
+            found = find_blocks(proto, name, model.config.head_dim)
+            want = expected_blocks(mcfg, name)
+            if len(found) != want or any(b.heads != model.config.n_heads for b in found):
+                raise ValidationError(f"{name}: found {len(found)} attention blocks with heads "
+                                      f"{[b.heads for b in found]}, config says {want} x {model.config.n_heads}")
+            onnx.save(proto, str(path))
+            graphs_meta[name] = {"file": path.name, **_io_spec(proto)}
+            blocks += [b.to_dict() for b in found]
+        progress("[3/6] onnx.checker full check")
+        check_graphs(paths)
+        sessions = {name: session(path) for name, path in paths.items()}
+        held = _held_out(ckpt_config, tok, model.config.src_vocab_size,
+                         max(cfg.parity_inputs, cfg.greedy_inputs), cfg.seed)
+        progress(f"[4/6] parity with PyTorch on {cfg.parity_inputs} held-out inputs (batches of 16, padded)")
+        report = {"parity": parity(model, sessions, [s for s, _ in held[:cfg.parity_inputs]],
+                                   max_steps=cfg.max_new_tokens),
+                  "tolerances": asdict(cfg.tolerances)}
+        progress(f"[5/6] greedy decoding, PyTorch vs ONNX Runtime, on {cfg.greedy_inputs} held-out inputs")
+        report["greedy"] = greedy_agreement(model, sessions, [s for s, _ in held[:cfg.greedy_inputs]],
+                                            cfg.max_new_tokens)
+        enforce(report, cfg.tolerances)
+        precision = "fp32"
+        if cfg.quantize == "int8":
+            progress("[6/6] int8 dynamic quantization and its accuracy check")
+            report["quantization"] = _quantize(paths, sessions, mcfg, held, cfg)
+            precision = "int8"
+        else:
+            progress("[6/6] no quantization requested")
+        shutil.copy(cfg.checkpoint / ckpt_config.get("tokenizer", TOKENIZER), staging / TOKENIZER)
+        repository.write_manifest(staging, {
+            "name": cfg.name, "version": version, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "model_config": mcfg, "tokenizer": TOKENIZER,
+            "special_ids": {"pad": mcfg["pad_id"], "bos": mcfg["bos_id"], "eos": mcfg["eos_id"], "unk": 3},
+            "task": ckpt_config.get("task"), "opset": cfg.opset, "precision": precision, "graphs": graphs_meta,
+            "attention_blocks": blocks, "library_versions": _versions(),
+            "source_checkpoint": {"path": str(cfg.checkpoint), "sha256": _checkpoint_hash(cfg.checkpoint)},
+            "validation": report, "export_seconds": round(time.monotonic() - t0, 1)})
+        final = repository.publish(staging, cfg.repo, cfg.name, version)
+    except BaseException:
+        repository.discard(staging)
+        raise
+    progress(f"published {final} ({precision}, {time.monotonic() - t0:.0f} s)")
+    return final
+
+
+def _quantize(paths, sessions, mcfg, held, cfg: ExportConfig) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    pairs = [(s, t) for s, t in held if t]
+    fp32 = exact_match(sessions, mcfg, pairs, cfg.max_new_tokens) if pairs else None
+    for path in paths.values():
+        tmp = path.with_suffix(".int8.onnx")
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+        tmp.replace(path)
+    q_sessions = {name: session(path) for name, path in paths.items()}
+    int8 = exact_match(q_sessions, mcfg, pairs, cfg.max_new_tokens) if pairs else None
+    agree = greedy_agreement_np(sessions, q_sessions, mcfg, [s for s, _ in held], cfg.max_new_tokens)
+    result = {"exact_match_fp32": fp32, "exact_match_int8": int8, "max_drop": cfg.max_int8_drop,
+              "outputs_identical_to_fp32": agree, "inputs": len(held)}
+    if fp32 is not None and fp32 - int8 > cfg.max_int8_drop:
+        raise ValidationError(f"int8 exact match {int8:.4f} is {fp32 - int8:.4f} below fp32 {fp32:.4f}, more than "
+                              f"--max-int8-drop {cfg.max_int8_drop}; not published")
+    if fp32 is None and agree < 1.0 - cfg.max_int8_drop:
+        raise ValidationError(f"int8 outputs match fp32 on only {agree:.2%} of inputs; not published")
+    return result
+
+
+def greedy_agreement_np(a, b, mcfg, sources, max_new_tokens) -> float:
+    from .validate import ort_greedy
+
+    x = ort_greedy(a, mcfg, sources, max_new_tokens)
+    y = ort_greedy(b, mcfg, sources, max_new_tokens)
+    return sum(p == q for p, q in zip(x, y, strict=True)) / len(sources)
