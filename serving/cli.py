@@ -1,0 +1,69 @@
+"""`attnserve serve`: flags, each also read from an ATTNSERVE_* environment variable (for compose)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .requests import Limits
+from .runner import RunnerConfig
+from .server import ServerConfig, serve
+
+
+def _env(name: str, default):
+    value = os.environ.get(f"ATTNSERVE_{name}")
+    return default if value is None else type(default)(value) if not isinstance(default, bool) else \
+        value.lower() in ("1", "true", "yes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d, lim = ServerConfig(), Limits()
+    p = argparse.ArgumentParser(prog="attnserve serve", description="Serve a model repository over gRPC.",
+                                epilog="Every flag can also come from ATTNSERVE_<FLAG> (e.g. ATTNSERVE_REPO).")
+    p.add_argument("--repo", type=Path, default=Path(_env("REPO", str(d.repo))))
+    p.add_argument("--model", action="append", default=None,
+                   help="serve only this model (repeatable; env ATTNSERVE_MODEL, comma-separated)")
+    p.add_argument("--address", default=_env("ADDRESS", d.address))
+    p.add_argument("--providers", default=_env("PROVIDERS", "cuda,cpu"),
+                   help="execution providers in priority order (default cuda,cpu)")
+    p.add_argument("--require-gpu", action="store_true", default=_env("REQUIRE_GPU", False),
+                   help="exit with an error instead of falling back to CPU when CUDA is unavailable")
+    p.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", 9100), help="-1 disables metrics")
+    p.add_argument("--threads", type=int, default=_env("THREADS", RunnerConfig().intra_op_threads),
+                   help="ONNX Runtime intra-op threads per session")
+    p.add_argument("--poll-seconds", type=float, default=_env("POLL_SECONDS", d.poll_seconds),
+                   help="repository scan interval for new versions; 0 disables")
+    p.add_argument("--grace-seconds", type=float, default=_env("GRACE_SECONDS", d.grace_seconds))
+    p.add_argument("--max-batch", type=int, default=_env("MAX_BATCH", d.max_batch))
+    for name in ("max_source_tokens", "max_new_tokens", "default_new_tokens", "max_concurrent_streams",
+                 "max_message_bytes"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=_env(name.upper(), getattr(lim, name)))
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    models = args.model or [m for m in os.environ.get("ATTNSERVE_MODEL", "").split(",") if m]
+    limits = Limits(**{k: getattr(args, k) for k in ("max_source_tokens", "max_new_tokens", "default_new_tokens",
+                                                      "max_concurrent_streams", "max_message_bytes")})
+    runner = RunnerConfig(providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+                          require_gpu=args.require_gpu, intra_op_threads=args.threads)
+    return ServerConfig(repo=args.repo, address=args.address, models=tuple(models), runner=runner, limits=limits,
+                        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                        poll_seconds=args.poll_seconds, grace_seconds=args.grace_seconds, max_batch=args.max_batch)
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .errors import ServingError
+
+    try:
+        return asyncio.run(serve(config_from_args(args)))
+    except (ServingError, OSError) as e:
+        print(f"attnserve serve: error: {e}", file=sys.stderr)
+        return 1

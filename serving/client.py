@@ -1,0 +1,79 @@
+"""A Python client for attnserve.v1: plain arguments in, protobuf messages out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import grpc
+
+from protos import attnserve_v1_pb2 as pb
+from protos import attnserve_v1_pb2_grpc as pb_grpc
+
+ATTENTION = {"none": pb.ATTENTION_NONE, "cross": pb.ATTENTION_CROSS, "self": pb.ATTENTION_SELF,
+             "all": pb.ATTENTION_ALL}
+
+
+def _source(source: str | Sequence[int]) -> pb.Source:
+    if isinstance(source, str):
+        return pb.Source(text=source)
+    return pb.Source(ids=pb.TokenIds(ids=list(source)))
+
+
+def _options(max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None, stop=()) -> pb.DecodingOptions:
+    o = pb.DecodingOptions(stop=list(stop))
+    for field, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_k", top_k),
+                         ("top_p", top_p), ("seed", seed)):
+        if value is not None:
+            setattr(o, field, value)
+    return o
+
+
+def _attention(kind: str, layers=(), heads=(), mean=False) -> pb.AttentionRequest:
+    if kind not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}")
+    return pb.AttentionRequest(kind=ATTENTION[kind], layers=list(layers), heads=list(heads), mean_over_heads=mean)
+
+
+class AttnServeClient:
+    def __init__(self, address: str = "127.0.0.1:50051", max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", max_message_bytes)])
+        self.stub = pb_grpc.AttnServeStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> AttnServeClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def generate(self, source: str | Sequence[int], model: str = "", version: int = 0, attention: str = "none",
+                 layers=(), heads=(), mean_over_heads: bool = False, timeout: float | None = None,
+                 **options) -> Iterator[pb.GenerateResponse]:
+        req = pb.GenerateRequest(model=pb.ModelRef(name=model, version=version), source=_source(source),
+                                 options=_options(**options),
+                                 attention=_attention(attention, layers, heads, mean_over_heads))
+        return self.stub.Generate(req, timeout=timeout)
+
+    def predict(self, source: str | Sequence[int], model: str = "", version: int = 0, beam_size: int = 0,
+                attention: str = "none", layers=(), heads=(), mean_over_heads: bool = False,
+                timeout: float | None = None, **options) -> pb.PredictResponse:
+        req = pb.PredictRequest(model=pb.ModelRef(name=model, version=version), source=_source(source),
+                                options=_options(**options), beam_size=beam_size,
+                                attention=_attention(attention, layers, heads, mean_over_heads))
+        return self.stub.Predict(req, timeout=timeout)
+
+    def encode(self, source: str | Sequence[int], model: str = "", version: int = 0) -> pb.EncodeResponse:
+        return self.stub.Encode(pb.EncodeRequest(model=pb.ModelRef(name=model, version=version),
+                                                 source=_source(source)))
+
+    def list_models(self) -> pb.ListModelsResponse:
+        return self.stub.ListModels(pb.ListModelsRequest())
+
+    def model_info(self, model: str = "", version: int = 0) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(model=pb.ModelRef(name=model, version=version)))
+
+    def reload(self) -> pb.ListModelsResponse:
+        return self.stub.ReloadModels(pb.ReloadModelsRequest())

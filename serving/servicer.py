@@ -1,0 +1,187 @@
+"""The attnserve.v1 servicer: wire types in, a domain call, wire types out; nothing else.
+
+`rpc` wraps every handler: it refuses calls while shutting down, maps exceptions to status codes (via
+errors.status_of, the only mapping), and records the request metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+
+import grpc
+
+from protos import attnserve_v1_pb2 as pb
+from protos import attnserve_v1_pb2_grpc as pb_grpc
+
+from . import convert
+from .errors import InvalidRequest, Unavailable, status_of
+from .predict import assemble, beam_search, encoder_attention, replay_attention
+from .registry import versions_on_disk
+from .requests import FinishEvent, TokenEvent, check_stream_budget
+
+log = logging.getLogger(__name__)
+
+
+def rpc(method: str):
+    def wrap(fn):
+        def before(self, context) -> None:
+            if self.app.shutting_down:
+                raise Unavailable("the server is shutting down; retry on another replica")
+
+        async def fail(self, context, exc: BaseException) -> None:
+            code, message = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method, exc_info=exc)
+            self.app.metrics.requests.labels(method, code.name).inc()
+            await context.abort(code, message)
+
+        if inspect.isasyncgenfunction(fn):
+            @functools.wraps(fn)
+            async def stream_handler(self, request, context):
+                m, start = self.app.metrics, time.perf_counter()
+                m.in_flight.labels(method).inc()
+                code = "OK"
+                try:
+                    before(self, context)
+                    async for item in fn(self, request, context):
+                        yield item
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except Exception as e:
+                    code = None
+                    await fail(self, context, e)
+                finally:
+                    m.in_flight.labels(method).dec()
+                    m.duration.labels(method).observe(time.perf_counter() - start)
+                    if code:
+                        m.requests.labels(method, code).inc()
+            return stream_handler
+
+        @functools.wraps(fn)
+        async def unary_handler(self, request, context):
+            m, start = self.app.metrics, time.perf_counter()
+            m.in_flight.labels(method).inc()
+            try:
+                before(self, context)
+                result = await fn(self, request, context)
+            except asyncio.CancelledError:
+                m.requests.labels(method, "CANCELLED").inc()
+                raise
+            except Exception as e:
+                await fail(self, context, e)
+            else:
+                m.requests.labels(method, "OK").inc()
+                return result
+            finally:
+                m.in_flight.labels(method).dec()
+                m.duration.labels(method).observe(time.perf_counter() - start)
+        return unary_handler
+    return wrap
+
+
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class AttnServeServicer(pb_grpc.AttnServeServicer):
+    def __init__(self, app) -> None:
+        self.app = app
+        self.active_streams = 0
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.app.executor, fn, *args)
+
+    @rpc("Generate")
+    async def Generate(self, request: pb.GenerateRequest, context):
+        loaded = self.app.registry.get(request.model.name, request.model.version)
+        runner = loaded.runner
+        req = convert.generation_from_pb(request, runner, self.app.limits, _deadline(context))
+        check_stream_budget(self.active_streams, self.app.limits)
+        self.active_streams += 1
+        m = self.app.metrics
+        try:
+            seq = loaded.scheduler.submit(req)
+            last = seq.created
+            async for ev in loaded.scheduler.stream(seq):
+                now = time.monotonic()
+                if isinstance(ev, TokenEvent):
+                    (m.itl if ev.index else m.ttft).observe(now - last)  # the first token: since arrival
+                    m.tokens.labels(runner.name).inc()
+                    last = now
+                    yield convert.token_event_to_pb(ev)
+                else:
+                    yield convert.finish_to_pb(ev, runner, req.src)
+        finally:
+            self.active_streams -= 1
+
+    @rpc("Predict")
+    async def Predict(self, request: pb.PredictRequest, context):
+        loaded = self.app.registry.get(request.model.name, request.model.version)
+        runner = loaded.runner
+        req = convert.generation_from_pb(request, runner, self.app.limits, _deadline(context), encoder_attention=True)
+        spec = req.attention
+        if request.beam_size < 0 or request.beam_size > self.app.limits.max_beam_size:
+            raise InvalidRequest(f"beam_size must be 0..{self.app.limits.max_beam_size}, got {request.beam_size}")
+        attention = []
+        if request.beam_size > 1:
+            ids, logprobs, score, reason = await self._run(beam_search, runner, req.src, request.beam_size,
+                                                           req.params.max_new_tokens)
+            text = runner.tokenizer.decode(ids)
+            tokens = [TokenEvent(t, runner.tokenizer.decode(ids[: i + 1])[len(runner.tokenizer.decode(ids[:i])):],
+                                 lp, i) for i, (t, lp) in enumerate(zip(ids, logprobs, strict=True))]
+            if spec is not None and spec.wants_decoder and ids:
+                attention = assemble(await self._run(replay_attention, runner, req.src, ids, spec))
+        else:
+            seq = loaded.scheduler.submit(req)
+            tokens, finish = [], None
+            async for ev in loaded.scheduler.stream(seq):
+                if isinstance(ev, FinishEvent):
+                    finish = ev
+                else:
+                    tokens.append(ev)
+            text, reason, score = finish.text, finish.reason, sum(t.logprob for t in tokens)
+            if spec is not None and spec.wants_decoder:
+                attention = assemble([t.attention for t in tokens])
+        if spec is not None and "encoder_self" in spec.kinds:
+            attention = await self._run(encoder_attention, runner, req.src, spec) + attention
+        response = convert.predict_to_pb(runner, req.src, tokens, text, reason, attention, score)
+        size = response.ByteSize()
+        if size > self.app.limits.max_message_bytes:
+            raise InvalidRequest(f"the response would be {size} bytes, over max_message_bytes "
+                                 f"({self.app.limits.max_message_bytes}); select fewer attention layers or heads, "
+                                 "use mean_over_heads, or stream with Generate")
+        self.app.metrics.tokens.labels(runner.name).inc(len(tokens))
+        return response
+
+    @rpc("Encode")
+    async def Encode(self, request: pb.EncodeRequest, context):
+        runner = self.app.registry.get(request.model.name, request.model.version).runner
+        src = convert.source_from_pb(request.source, runner, self.app.limits)
+        out = await self._run(runner.encode, src, True)
+        return convert.encode_to_pb(runner, src, out)
+
+    @rpc("ListModels")
+    async def ListModels(self, request, context):
+        return self._list()
+
+    def _list(self) -> pb.ListModelsResponse:
+        reg = self.app.registry
+        return pb.ListModelsResponse(models=[convert.summary_to_pb(loaded.runner, versions_on_disk(reg.repo, name))
+                                             for name, loaded in sorted(reg.models.items())])
+
+    @rpc("GetModelInfo")
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context):
+        reg = self.app.registry
+        runner = reg.get(request.model.name, request.model.version).runner
+        return convert.info_to_pb(runner, versions_on_disk(reg.repo, runner.name), self.app.limits)
+
+    @rpc("ReloadModels")
+    async def ReloadModels(self, request, context):
+        await self.app.registry.refresh()
+        return self._list()
