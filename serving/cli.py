@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-seconds", type=float, default=_env("POLL_SECONDS", d.poll_seconds),
                    help="repository scan interval for new versions; 0 disables")
     p.add_argument("--grace-seconds", type=float, default=_env("GRACE_SECONDS", d.grace_seconds))
+    p.add_argument("--drain-seconds", type=float, default=_env("DRAIN_SECONDS", d.drain_seconds))
     p.add_argument("--max-batch", type=int, default=_env("MAX_BATCH", d.max_batch))
     for name in ("max_source_tokens", "max_new_tokens", "default_new_tokens", "max_concurrent_streams",
                  "max_message_bytes"):
@@ -54,7 +55,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                           require_gpu=args.require_gpu, intra_op_threads=args.threads)
     return ServerConfig(repo=args.repo, address=args.address, models=tuple(models), runner=runner, limits=limits,
                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                        poll_seconds=args.poll_seconds, grace_seconds=args.grace_seconds, max_batch=args.max_batch)
+                        poll_seconds=args.poll_seconds, grace_seconds=args.grace_seconds,
+                        drain_seconds=args.drain_seconds, max_batch=args.max_batch)
 
 
 def serve_main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -109,6 +110,7 @@ class ModelRunner:
         except Exception as e:  # onnxruntime raises its own exception types for bad graphs
             raise ModelLoadError(f"{self.dir}: ONNX Runtime cannot load the graphs ({e})") from e
         self.providers: list[str] = self.sessions["decoder"].get_providers()
+        self.calls: Counter[str] = Counter()  # runs per graph: shows which requests paid for attention
         log.info("loaded %s v%d from %s on %s", self.name, self.version, self.dir, self.providers)
 
     @property
@@ -131,12 +133,15 @@ class ModelRunner:
         """Encoder for one source; cross_k/v (L, 1, nh, S, hs), and with `attention` the encoder extras."""
         ids = np.asarray([src], dtype=np.int64)  # (1, S)
         graph = "encoder_attn" if attention else "encoder"
+        self.calls[graph] += 1
         sess = self.sessions[graph]
         outs = sess.run(None, {"src_ids": ids, "src_mask": np.ones_like(ids, dtype=bool)})
         return dict(zip([o.name for o in sess.get_outputs()], outs, strict=True))
 
     def step(self, feeds: dict[str, np.ndarray], attention: bool) -> dict[str, np.ndarray]:
-        sess = self.sessions["decoder_attn" if attention else "decoder"]
+        graph = "decoder_attn" if attention else "decoder"
+        self.calls[graph] += 1
+        sess = self.sessions[graph]
         outs = sess.run(None, feeds)
         return dict(zip([o.name for o in sess.get_outputs()], outs, strict=True))
 

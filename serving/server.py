@@ -37,6 +37,7 @@ class ServerConfig:
     metrics_address: str = "0.0.0.0"
     poll_seconds: float = 2.0  # repository scan interval for new versions; 0 disables
     grace_seconds: float = 10.0  # how long streams in flight may run on after SIGTERM
+    drain_seconds: float = 1.0  # after SIGTERM, health says NOT_SERVING this long before the listener closes
     max_batch: int = 32
     worker_threads: int = 2  # ONNX Runtime calls run here, never on the event loop
 
@@ -78,6 +79,8 @@ class App:
         await self.set_serving(False)
         if self._watcher:
             self._watcher.cancel()
+        # Health checks still answer (NOT_SERVING) and new calls get UNAVAILABLE while balancers take us out.
+        await asyncio.sleep(self.cfg.drain_seconds)
         if self.server is not None:
             await self.server.stop(self.cfg.grace_seconds if grace is None else grace)
         await self.registry.close()

@@ -18,7 +18,7 @@ from protos import attnserve_v1_pb2 as pb
 from protos import attnserve_v1_pb2_grpc as pb_grpc
 
 from . import convert
-from .errors import InvalidRequest, Unavailable, status_of
+from .errors import InvalidRequest, LimitExceeded, Unavailable, status_of
 from .predict import assemble, beam_search, encoder_attention, replay_attention
 from .registry import versions_on_disk
 from .requests import FinishEvent, TokenEvent, check_stream_budget
@@ -153,7 +153,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         response = convert.predict_to_pb(runner, req.src, tokens, text, reason, attention, score)
         size = response.ByteSize()
         if size > self.app.limits.max_message_bytes:
-            raise InvalidRequest(f"the response would be {size} bytes, over max_message_bytes "
+            raise LimitExceeded(f"the response would be {size} bytes, over max_message_bytes "
                                  f"({self.app.limits.max_message_bytes}); select fewer attention layers or heads, "
                                  "use mean_over_heads, or stream with Generate")
         self.app.metrics.tokens.labels(runner.name).inc(len(tokens))

@@ -58,3 +58,35 @@ def tiny_repo(tiny_checkpoint, tmp_path_factory) -> Path:
     export_checkpoint(ExportConfig(checkpoint=tiny_checkpoint, repo=repo, name="tiny", max_new_tokens=12,
                                    greedy_inputs=64), progress=lambda _: None)
     return repo
+
+
+@pytest.fixture(scope="session")
+def noisy_checkpoint(tmp_path_factory) -> Path:
+    """An untrained model: it rarely emits <eos>, so its generations run to max_new_tokens (long streams)."""
+    import torch
+
+    from model_src.checkpoint import save_model
+    from model_src.model import ModelConfig, Seq2SeqTransformer
+    from model_src.tasks import reverse_task
+    from model_src.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_texts(reverse_task(0, n_train=200, n_eval=20).texts())
+    torch.manual_seed(1)
+    model = Seq2SeqTransformer(ModelConfig(src_vocab_size=tok.vocab_size, tgt_vocab_size=tok.vocab_size, **TINY))
+    out = tmp_path_factory.mktemp("noisy") / "ckpt"
+    save_model(out, model.eval(), tok, {"task": "reverse", "training": {"seed": 0}})
+    return out
+
+
+@pytest.fixture(scope="session")
+def serving_repo(tiny_repo, noisy_checkpoint, tmp_path_factory) -> Path:
+    """models/tiny/1 (trained) and models/noisy/1 (untrained)."""
+    import shutil
+
+    from export.pipeline import ExportConfig, export_checkpoint
+
+    repo = tmp_path_factory.mktemp("serving") / "models"
+    shutil.copytree(tiny_repo / "tiny", repo / "tiny")
+    export_checkpoint(ExportConfig(checkpoint=noisy_checkpoint, repo=repo, name="noisy", max_new_tokens=8,
+                                   greedy_inputs=64, parity_inputs=16), progress=lambda _: None)
+    return repo

@@ -1,0 +1,27 @@
+"""An in-process server on a free port, driven from synchronous tests through its own event-loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from serving.server import App, ServerConfig, create_server
+
+
+class ServerThread:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.app: App = self.call(create_server(cfg))
+        self.address = f"127.0.0.1:{self.app.port}"
+
+    def call(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float = 0.5) -> None:
+        try:
+            self.call(self.app.stop(grace))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)

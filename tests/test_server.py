@@ -1,0 +1,347 @@
+"""The gRPC server end to end: a real server on a free port, real exported models, the real client."""
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from model_src.checkpoint import load_model
+from model_src.decoding import generate as torch_generate
+from protos import attnserve_v1_pb2 as pb
+from serving.client import AttnServeClient
+from serving.requests import Limits
+from serving.server import ServerConfig
+
+from .server_harness import ServerThread
+
+INPUTS = ["abc", "hello", "qwertyui", "zz", "mnop"]
+
+
+@pytest.fixture(scope="module")
+def server(serving_repo):
+    cfg = ServerConfig(repo=serving_repo, address="127.0.0.1:0", metrics_port=0, poll_seconds=0,
+                       drain_seconds=0.0, limits=Limits(max_new_tokens=250, max_source_tokens=64))
+    s = ServerThread(cfg)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with AttnServeClient(server.address) as c:
+        yield c
+
+
+def _stream(client, text, **kw):
+    tokens, attention, finish = [], [], None
+    for msg in client.generate(text, **kw):
+        if msg.HasField("token"):
+            tokens.append(msg.token)
+            attention.append(list(msg.attention))
+        if msg.HasField("finish"):
+            finish = msg.finish
+    return tokens, attention, finish
+
+
+def test_stream_equals_predict_equals_pytorch_greedy(client, tiny_checkpoint):
+    model, tok, _ = load_model(tiny_checkpoint)
+    reference = torch_generate(model, [tok.encode(t) for t in INPUTS], max_new_tokens=30)
+    for text, ref in zip(INPUTS, reference, strict=True):
+        tokens, _, finish = _stream(client, text, model="tiny", max_new_tokens=30)
+        assert [t.id for t in tokens] == ref
+        predicted = client.predict(text, model="tiny", max_new_tokens=30)
+        assert [t.id for t in predicted.tokens] == ref
+        assert predicted.text == finish.text == "".join(t.text for t in tokens) == tok.decode(ref)
+        assert finish.generated_tokens == len(ref) and finish.prompt_tokens == len(text)
+
+
+def test_streamed_attention_equals_pytorch_and_rows_sum_to_1(client, tiny_checkpoint):
+    model, tok, _ = load_model(tiny_checkpoint)
+    text = "hello"
+    tokens, attention, _ = _stream(client, text, model="tiny", attention="all", max_new_tokens=30)
+    src = torch.tensor([tok.encode(text)])
+    smask = torch.ones_like(src, dtype=torch.bool)
+    tgt = torch.tensor([[model.config.bos_id] + [t.id for t in tokens]])
+    with torch.no_grad():
+        _, self_ref, cross_ref = model.decode(tgt, torch.ones_like(tgt, dtype=torch.bool),
+                                              model.encode(src, smask), smask)
+    for step, tensors in enumerate(attention):
+        kinds = {(t.kind, t.layer) for t in tensors}
+        assert kinds == {(k, layer) for k in ("cross", "decoder_self") for layer in range(2)}
+        for t in tensors:
+            w = np.asarray(t.weights).reshape(len(t.head_indices), 1, t.key_length)
+            np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+            ref = (cross_ref if t.kind == "cross" else self_ref)[t.layer, 0, :, step: step + 1]
+            if t.kind == "decoder_self":
+                ref = ref[..., : step + 1]
+                assert t.key_length == step + 1
+            np.testing.assert_allclose(w, ref.numpy(), atol=1e-5)
+
+
+def test_attention_selection_layers_heads_mean(client):
+    _, attention, _ = _stream(client, "abc", model="tiny", attention="cross", layers=[1], heads=[0, 2],
+                              max_new_tokens=5)
+    t = attention[0][0]
+    assert len(attention[0]) == 1 and (t.kind, t.layer, list(t.head_indices)) == ("cross", 1, [0, 2])
+    assert len(t.weights) == 2 * 3
+    _, mean, _ = _stream(client, "abc", model="tiny", attention="cross", layers=[1], heads=[0, 2],
+                         mean_over_heads=True, max_new_tokens=5)
+    w = np.asarray(t.weights).reshape(2, 3)
+    np.testing.assert_allclose(np.asarray(mean[0][0].weights), w.mean(0), atol=1e-6)
+
+
+def test_requests_without_attention_use_the_fast_graphs(server, client):
+    runner = server.app.registry.get("tiny").runner
+    before = dict(runner.calls)
+    _stream(client, "hello", model="tiny")
+    client.predict("hello", model="tiny")
+    after = runner.calls
+    assert after["decoder"] > before.get("decoder", 0)
+    assert after["decoder_attn"] == before.get("decoder_attn", 0)
+    assert after["encoder_attn"] == before.get("encoder_attn", 0)
+    _stream(client, "hello", model="tiny", attention="cross")
+    assert runner.calls["decoder_attn"] > before.get("decoder_attn", 0)
+
+
+def test_predict_full_matrices_and_beam_search(client, tiny_checkpoint):
+    from model_src.decoding import beam_search
+
+    r = client.predict("hello", model="tiny", attention="all", max_new_tokens=30)
+    T, S = len(r.tokens), 5
+    shapes = {(t.kind, t.layer): (len(t.head_indices), t.query_length, t.key_length) for t in r.attention}
+    assert shapes[("encoder_self", 0)] == (4, S, S)
+    assert shapes[("cross", 1)] == (4, T, S)
+    assert shapes[("decoder_self", 0)] == (4, T, T)
+    self0 = next(t for t in r.attention if t.kind == "decoder_self" and t.layer == 0)
+    m = np.asarray(self0.weights).reshape(4, T, T)
+    assert np.triu(m, 1).max() == 0.0  # causal
+    model, tok, _ = load_model(tiny_checkpoint)
+    best = beam_search(model, tok.encode("hello"), beam_size=3, max_new_tokens=30)[0]
+    beam = client.predict("hello", model="tiny", beam_size=3, max_new_tokens=30)
+    assert [t.id for t in beam.tokens] == best[0]
+    assert beam.score == pytest.approx(best[1], abs=1e-4)
+
+
+def test_sampling_with_a_seed_is_reproducible(client):
+    a = client.predict("qwerty", model="noisy", temperature=1.0, top_p=0.9, seed=11, max_new_tokens=20)
+    b = client.predict("qwerty", model="noisy", temperature=1.0, top_p=0.9, seed=11, max_new_tokens=20)
+    c = client.predict("qwerty", model="noisy", temperature=1.0, top_p=0.9, seed=12, max_new_tokens=20)
+    assert [t.id for t in a.tokens] == [t.id for t in b.tokens]
+    assert [t.id for t in a.tokens] != [t.id for t in c.tokens]
+
+
+def test_stop_string_ends_the_stream(client):
+    full = client.predict("qwertyui", model="tiny", max_new_tokens=30).text
+    assert len(full) >= 3
+    stop = full[2:4]
+    _tokens, _, finish = _stream(client, "qwertyui", model="tiny", stop=[stop], max_new_tokens=30)
+    assert finish.reason == pb.FINISH_REASON_STOP and finish.text == full[: full.find(stop)]
+
+
+def test_encode_static_vs_contextual(client):
+    a = client.encode("abc", model="tiny")
+    b = client.encode("xbz", model="tiny")
+    assert a.tokens[1] == b.tokens[1] == "b"
+    d = a.static_embeddings.cols
+    emb_a = np.asarray(a.static_embeddings.values).reshape(3, d)
+    emb_b = np.asarray(b.static_embeddings.values).reshape(3, d)
+    np.testing.assert_array_equal(emb_a[1], emb_b[1])
+    last_a = np.asarray(a.layer_outputs[-1].values).reshape(3, d)
+    last_b = np.asarray(b.layer_outputs[-1].values).reshape(3, d)
+    assert np.abs(last_a[1] - last_b[1]).max() > 1e-3
+    assert len(a.layer_outputs) == 2
+
+
+def test_list_models_and_info(client):
+    names = {(m.name, m.version) for m in client.list_models().models}
+    assert names == {("tiny", 1), ("noisy", 1)}
+    info = client.model_info("tiny")
+    assert info.execution_providers == ["CPUExecutionProvider"]
+    assert len(info.attention_blocks) == 12 and info.limits.max_new_tokens == 250
+
+
+BAD = [
+    ({"source": "", "model": "tiny"}, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    ({"source": "a" * 65, "model": "tiny"}, grpc.StatusCode.INVALID_ARGUMENT, "max_source_tokens"),
+    ({"source": "abc", "model": "nope"}, grpc.StatusCode.NOT_FOUND, "not loaded"),
+    ({"source": "abc", "model": "tiny", "version": 7}, grpc.StatusCode.NOT_FOUND, "version 7"),
+    ({"source": "abc", "model": "tiny", "max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "at least 1"),
+    ({"source": "abc", "model": "tiny", "max_new_tokens": 251}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    ({"source": "abc", "model": "tiny", "temperature": -0.5}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ({"source": "abc", "model": "tiny", "top_p": 0.0}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    ({"source": "abc", "model": "tiny", "top_p": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    ({"source": "abc", "model": "tiny", "attention": "cross", "layers": [5]}, grpc.StatusCode.INVALID_ARGUMENT,
+     "layer 5"),
+    ({"source": "abc", "model": "tiny", "attention": "cross", "heads": [9]}, grpc.StatusCode.INVALID_ARGUMENT,
+     "head 9"),
+    ({"source": [4, 5, 999], "model": "tiny"}, grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
+    ({"source": "abc"}, grpc.StatusCode.INVALID_ARGUMENT, "several models"),
+]
+
+
+@pytest.mark.parametrize("kwargs,code,needle", BAD)
+def test_bad_requests_get_precise_status_and_the_server_keeps_serving(client, kwargs, code, needle):
+    kwargs = dict(kwargs)
+    source = kwargs.pop("source")
+    for call in (lambda: list(client.generate(source, **kwargs)), lambda: client.predict(source, **kwargs)):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == code
+        assert needle in e.value.details()
+    assert client.predict("abc", model="tiny").text
+
+
+def test_cancel_mid_stream_frees_the_sequence(server, client):
+    sched = server.app.registry.get("noisy").scheduler
+    call = client.generate("abcdefgh", model="noisy", max_new_tokens=250, attention="all")
+    first = next(call)
+    assert first.HasField("token")
+    call.cancel()
+    deadline = time.monotonic() + 5
+    while sched.load and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sched.load == 0
+    with pytest.raises(grpc.RpcError) as e:
+        list(call)
+    assert e.value.code() == grpc.StatusCode.CANCELLED
+
+
+def test_deadline_mid_stream_frees_the_sequence(server, client):
+    sched = server.app.registry.get("noisy").scheduler
+    steps = sched.steps
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.generate("abcdefgh", model="noisy", max_new_tokens=250, attention="all", timeout=0.05))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 5
+    while sched.load and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sched.load == 0
+    assert sched.steps - steps < 250  # stopped early, not run to the end
+    assert client.predict("abc", model="tiny").text
+
+
+def test_too_many_streams_is_resource_exhausted(serving_repo):
+    cfg = ServerConfig(repo=serving_repo, address="127.0.0.1:0", metrics_port=None, poll_seconds=0,
+                       drain_seconds=0.0, models=("noisy",), limits=Limits(max_concurrent_streams=2))
+    s = ServerThread(cfg)
+    try:
+        with AttnServeClient(s.address) as c:
+            calls = [c.generate("abcdefgh", max_new_tokens=120, attention="all") for _ in range(2)]
+            for call in calls:
+                next(call)
+            with pytest.raises(grpc.RpcError) as e:
+                next(c.generate("abc", max_new_tokens=5))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_concurrent_streams" in e.value.details()
+            for call in calls:
+                call.cancel()
+    finally:
+        s.stop()
+
+
+def test_oversized_predict_response_names_the_limit(serving_repo):
+    cfg = ServerConfig(repo=serving_repo, address="127.0.0.1:0", metrics_port=None, poll_seconds=0,
+                       drain_seconds=0.0, models=("tiny",), limits=Limits(max_message_bytes=2000))
+    s = ServerThread(cfg)
+    try:
+        with AttnServeClient(s.address) as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.predict("abcdefgh", attention="all", max_new_tokens=30)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_message_bytes" in e.value.details()
+            assert c.predict("abc").text
+    finally:
+        s.stop()
+
+
+def test_metrics_endpoint(server, client):
+    import urllib.request
+
+    client.predict("abc", model="tiny")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.app.metrics_port}/metrics").read().decode()
+    for name in ("attnserve_requests_total", "attnserve_request_duration_seconds", "attnserve_models_loaded",
+                 "attnserve_time_to_first_token_seconds", "attnserve_inter_token_latency_seconds",
+                 "attnserve_generated_tokens_total", "attnserve_in_flight_requests"):
+        assert name in text
+    assert 'attnserve_requests_total{code="OK",method="Predict"}' in text
+    assert 'provider="CPUExecutionProvider"' in text
+
+
+def test_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"attnserve.v1.AttnServe", "grpc.health.v1.Health"} <= names
+
+
+def test_health_flips_on_load_and_on_shutdown(tiny_repo, tmp_path):
+    import shutil
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    repo = tmp_path / "models"
+    repo.mkdir()
+    cfg = ServerConfig(repo=repo, address="127.0.0.1:0", metrics_port=None, poll_seconds=0, drain_seconds=1.0)
+    s = ServerThread(cfg)
+    ch = grpc.insecure_channel(s.address)
+    health = health_pb2_grpc.HealthStub(ch)
+
+    def status():
+        return health.Check(health_pb2.HealthCheckRequest(service="attnserve.v1.AttnServe")).status
+
+    try:
+        assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        shutil.copytree(tiny_repo / "tiny", repo / "tiny")
+        with AttnServeClient(s.address) as c:
+            assert [m.name for m in c.reload().models] == ["tiny"]
+            s.call(s.app.set_serving(True))  # what the repository watcher does after a load
+            assert status() == health_pb2.HealthCheckResponse.SERVING
+            stream = c.generate("hello", max_new_tokens=30)
+            first = next(stream)
+            fut = asyncio.run_coroutine_threadsafe(s.app.stop(grace=5), s.loop)
+            time.sleep(0.3)
+            assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as e:
+                c.predict("abc")
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            rest = list(stream)  # the stream in flight still finishes
+            assert first.HasField("token") and rest[-1].HasField("finish")
+            fut.result(10)
+    finally:
+        ch.close()
+        s.stop()
+
+
+def test_new_version_is_picked_up_while_a_stream_runs(tiny_repo, tmp_path):
+    import json
+    import shutil
+
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_repo / "tiny", repo / "tiny")
+    s = ServerThread(ServerConfig(repo=repo, address="127.0.0.1:0", metrics_port=None, poll_seconds=0.2,
+                                  drain_seconds=0.0))
+    try:
+        with AttnServeClient(s.address) as c:
+            stream = c.generate("hello", max_new_tokens=30)
+            first = next(stream)
+            staging = repo / "tiny" / ".staging-2"
+            shutil.copytree(repo / "tiny" / "1", staging)
+            manifest = json.loads((staging / "manifest.json").read_text())
+            (staging / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+            staging.rename(repo / "tiny" / "2")
+            rest = list(stream)
+            assert first.token.index == 0 and rest[-1].finish.model.version == 1
+            deadline = time.monotonic() + 10
+            while c.list_models().models[0].version != 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert c.list_models().models[0].version == 2
+            assert c.predict("hello").model.version == 2
+    finally:
+        s.stop()
+
