@@ -22,6 +22,8 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-int8-drop", type=float, default=0.02,
                    help="refuse int8 if held-out exact match drops more than this vs fp32 (default 0.02)")
     p.add_argument("--greedy-inputs", type=int, default=128, help="held-out inputs for the greedy check (>= 64)")
+    p.add_argument("--if-changed", action="store_true",
+                   help="do nothing if the latest version was exported from this same checkpoint")
     p.add_argument("--attention-tolerance", type=float, default=1e-5,
                    help="max abs difference allowed on attention probabilities (never above 1e-4)")
     args = p.parse_args(argv)
@@ -33,13 +35,16 @@ def export_main(argv: list[str] | None = None) -> int:
 
     from model_src.checkpoint import CheckpointError
 
-    from .pipeline import ExportConfig, export_checkpoint
+    from .pipeline import ExportConfig, export_checkpoint, up_to_date
     from .validate import Tolerances, ValidationError
 
     cfg = ExportConfig(checkpoint=args.checkpoint, repo=args.repo, name=args.name, version=args.version,
                        opset=args.opset, quantize=args.quantize, max_int8_drop=args.max_int8_drop,
                        greedy_inputs=args.greedy_inputs, tolerances=Tolerances(attention=args.attention_tolerance))
     try:
+        if args.if_changed and (current := up_to_date(args.repo, args.name, args.checkpoint, args.quantize)):
+            print(f"{current} was exported from this checkpoint already; nothing to do (--if-changed)")
+            return 0
         final = export_checkpoint(cfg, progress=lambda msg: print(msg, flush=True))
     except (CheckpointError, RepositoryError, ValidationError) as e:
         print(f"attnserve export: error: {e}\nnothing was published", file=sys.stderr)

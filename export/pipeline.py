@@ -57,6 +57,20 @@ def _checkpoint_hash(ckpt: Path) -> str:
     return h.hexdigest()
 
 
+def up_to_date(repo: Path, name: str, checkpoint: Path, quantize: str | None) -> Path | None:
+    """The latest version of `name` if it was exported from this very checkpoint with the same precision."""
+    existing = repository.versions(repo, name)
+    if not existing:
+        return None
+    latest = Path(repo) / name / str(existing[-1])
+    manifest = repository.read_manifest(latest)
+    try:
+        same = manifest.get("source_checkpoint", {}).get("sha256") == _checkpoint_hash(checkpoint)
+    except OSError:  # an incomplete checkpoint: let the export itself report it
+        return None
+    return latest if same and manifest.get("precision") == (quantize or "fp32") else None
+
+
 def _held_out(config: dict, tok, vocab: int, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
     """The task's test split; for a user corpus (not rebuildable here) random token strings stand in."""
     if config.get("task") in TASKS:

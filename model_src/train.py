@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 128  # per process
-    lr_factor: float = 1.0  # scales the paper's schedule: factor * d_model^-0.5 * min(step^-0.5, step*warmup^-1.5)
+    lr_factor: float = 0.5  # scales the paper's schedule: factor * d_model^-0.5 * min(step^-0.5, step*warmup^-1.5)
     warmup: int = 400
     weight_decay: float = 0.01
     label_smoothing: float = 0.1

@@ -19,7 +19,7 @@ from protos import attnserve_v1_pb2_grpc as pb_grpc
 from .metrics import Metrics
 from .registry import ModelRegistry
 from .requests import Limits
-from .runner import RunnerConfig, check_runtime_install
+from .runner import RunnerConfig, check_runtime_install, resolve_providers
 from .servicer import AttnServeServicer
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class App:
 async def create_server(cfg: ServerConfig) -> App:
     """Build, load the models and start serving; returns the App (its `port` is the bound port)."""
     check_runtime_install()
+    resolve_providers(cfg.runner)  # --require-gpu fails here, before binding anything
     app = App(cfg)
     limits = cfg.limits
     options = [("grpc.max_send_message_length", limits.max_message_bytes),

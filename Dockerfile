@@ -1,0 +1,45 @@
+# syntax=docker/dockerfile:1
+# Three images from one file:
+#   serve      slim server + client: onnxruntime, grpc, numpy; no torch
+#   serve-gpu  the same on onnxruntime-gpu (CUDA execution provider), on a CUDA runtime base
+#   export     torch (CPU), onnx, onnxscript: turns checkpoints into model-repository versions
+ARG PYTHON_IMAGE=python:3.11-slim
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+FROM ${PYTHON_IMAGE} AS serve
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY attnserve ./attnserve
+COPY model_src ./model_src
+COPY export ./export
+COPY serving ./serving
+COPY protos ./protos
+RUN pip install '.[cpu]' && useradd --system --uid 10001 attnserve
+USER attnserve
+EXPOSE 50051 9100
+ENTRYPOINT ["attnserve"]
+CMD ["serve", "--repo", "/models", "--address", "0.0.0.0:50051", "--metrics-port", "9100"]
+
+FROM ${CUDA_IMAGE} AS serve-gpu
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_BREAK_SYSTEM_PACKAGES=1
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv \
+    && rm -rf /var/lib/apt/lists/* && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /app
+COPY --from=serve /app /app
+# Exactly one onnxruntime distribution: with both installed the CUDA provider disappears.
+RUN pip install '.[gpu]'
+EXPOSE 50051 9100
+ENTRYPOINT ["attnserve"]
+CMD ["serve", "--repo", "/models", "--address", "0.0.0.0:50051", "--providers", "cuda,cpu", "--require-gpu"]
+
+FROM ${PYTHON_IMAGE} AS export
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY --from=serve /app /app
+RUN pip install --extra-index-url "${TORCH_INDEX}" '.[export,cpu]'
+COPY checkpoints ./checkpoints
+ENTRYPOINT ["attnserve"]
+CMD ["export", "checkpoints/dates", "--repo", "/models", "--name", "dates", "--if-changed"]

@@ -1,0 +1,119 @@
+"""docker-compose.yml: valid against the compose spec, and each service's command and healthcheck run for real as
+local processes (no Docker engine here), with only the volume path and the host port mapped."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ROOT
+
+COMPOSE = ROOT / "docker-compose.yml"
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _services() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
+def _local(argv: list[str], repo: Path, port: int | None = None) -> list[str]:
+    """The container's command with the model volume and port mapped to this machine."""
+    out = []
+    for arg in argv:
+        arg = arg.replace("/models", str(repo))
+        if port is not None:
+            arg = arg.replace(":50051", f":{port}").replace("0.0.0.0", "127.0.0.1")
+        out.append(arg)
+    return out
+
+
+def _env(service: dict, repo: Path) -> dict:
+    env = {k: str(v).replace("/models", str(repo)) for k, v in (service.get("environment") or {}).items()}
+    env["ATTNSERVE_METRICS_PORT"] = str(_free_port())
+    return {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+
+
+def test_compose_file_is_valid_against_the_compose_spec():
+    exe = shutil.which("check-jsonschema", path=str(BIN)) or shutil.which("check-jsonschema")
+    assert exe, "check-jsonschema is part of the 'dev' extra"
+    r = subprocess.run([exe, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_export_then_server_then_healthcheck_as_compose_runs_them(tmp_path):
+    services = _services()
+    repo = tmp_path / "models"
+    attnserve = str(BIN / "attnserve") if (BIN / "attnserve").exists() else None
+    cli = [attnserve] if attnserve else [sys.executable, "-m", "attnserve.cli"]
+
+    export = services["export"]
+    r = subprocess.run(cli + _local(export["command"], repo), capture_output=True, text=True, timeout=600,
+                       cwd=ROOT, env=_env(export, repo))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (repo / "dates" / "1" / "manifest.json").is_file()
+    again = subprocess.run(cli + _local(export["command"], repo), capture_output=True, text=True, timeout=600,
+                           cwd=ROOT, env=_env(export, repo))
+    assert again.returncode == 0 and "nothing to do" in again.stdout  # a restart of the job is a no-op
+    assert not (repo / "dates" / "2").exists()
+
+    server = services["server"]
+    port = _free_port()
+    proc = subprocess.Popen(cli + _local(server["command"], repo, port), cwd=ROOT, env=_env(server, repo),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        check = _local(server["healthcheck"]["test"][1:], repo, port)
+        check[0] = sys.executable if check[0] == "python" else check[0]
+        healthy = False
+        for _ in range(120):
+            if subprocess.run(check, capture_output=True, cwd=ROOT, env=_env(server, repo)).returncode == 0:
+                healthy = True
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        assert healthy
+        grpcurl = shutil.which("grpcurl", path=str(BIN)) or shutil.which("grpcurl")
+        if grpcurl:  # the dev extra ships it; the check is skipped only where it is absent
+            listed = subprocess.run([grpcurl, "-plaintext", f"127.0.0.1:{port}", "list"], capture_output=True,
+                                    text=True, timeout=30)
+            assert "attnserve.v1.AttnServe" in listed.stdout and "grpc.health.v1.Health" in listed.stdout
+            described = subprocess.run([grpcurl, "-plaintext", f"127.0.0.1:{port}", "describe",
+                                        "attnserve.v1.AttnServe"], capture_output=True, text=True, timeout=30)
+            assert "rpc Generate" in described.stdout
+            out = subprocess.run([grpcurl, "-plaintext", "-d", '{"source": {"text": "3 March 2021"}}',
+                                  f"127.0.0.1:{port}", "attnserve.v1.AttnServe/Predict"], capture_output=True,
+                                 text=True, timeout=30)
+            assert '"text": "2021-03-03"' in out.stdout, out.stdout + out.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_gpu_service_fails_fast_without_cuda(tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA: the service would start")
+    svc = _services()["server-gpu"]
+    repo = tmp_path / "models"
+    repo.mkdir()
+    r = subprocess.run([sys.executable, "-m", "attnserve.cli", *_local(svc["command"], repo, _free_port())],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT, env=_env(svc, repo))
+    assert r.returncode == 1
+    assert "--require-gpu" in r.stderr and "CUDAExecutionProvider is not available" in r.stderr
