@@ -17,8 +17,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def _median_ms(xs: list[float]) -> float:
     return statistics.median(xs) * 1e3

@@ -223,10 +223,13 @@ def test_deadline_mid_stream_frees_the_sequence(server, client):
     assert client.predict("abc", model="tiny").text
 
 
+def _small_server(repo, model: str, **limits) -> ServerThread:
+    return ServerThread(ServerConfig(repo=repo, address="127.0.0.1:0", metrics_port=None, poll_seconds=0,
+                                     drain_seconds=0.0, models=(model,), limits=Limits(**limits)))
+
+
 def test_too_many_streams_is_resource_exhausted(serving_repo):
-    cfg = ServerConfig(repo=serving_repo, address="127.0.0.1:0", metrics_port=None, poll_seconds=0,
-                       drain_seconds=0.0, models=("noisy",), limits=Limits(max_concurrent_streams=2))
-    s = ServerThread(cfg)
+    s = _small_server(serving_repo, "noisy", max_concurrent_streams=2)
     try:
         with AttnServeClient(s.address) as c:
             calls = [c.generate("abcdefgh", max_new_tokens=120, attention="all") for _ in range(2)]
@@ -243,9 +246,7 @@ def test_too_many_streams_is_resource_exhausted(serving_repo):
 
 
 def test_oversized_predict_response_names_the_limit(serving_repo):
-    cfg = ServerConfig(repo=serving_repo, address="127.0.0.1:0", metrics_port=None, poll_seconds=0,
-                       drain_seconds=0.0, models=("tiny",), limits=Limits(max_message_bytes=2000))
-    s = ServerThread(cfg)
+    s = _small_server(serving_repo, "tiny", max_message_bytes=2000)
     try:
         with AttnServeClient(s.address) as c:
             with pytest.raises(grpc.RpcError) as e:
