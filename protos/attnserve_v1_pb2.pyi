@@ -150,14 +150,16 @@ class Finish(_message.Message):
     def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., text: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., source_tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token", "attention", "finish")
+    __slots__ = ("token", "attention", "finish", "source_tokens")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token: Token
     attention: _containers.RepeatedCompositeFieldContainer[AttentionTensor]
     finish: Finish
-    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., attention: _Optional[_Iterable[_Union[AttentionTensor, _Mapping]]] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ...) -> None: ...
+    source_tokens: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., attention: _Optional[_Iterable[_Union[AttentionTensor, _Mapping]]] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ..., source_tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
     __slots__ = ("model", "source", "options", "beam_size", "attention")

@@ -89,14 +89,16 @@ def generate_main(argv: list[str] | None = None) -> int:
         try:
             for msg in client.generate(args.text, args.model, args.version, attention, args.layers, args.heads,
                                        args.mean, timeout=args.timeout, **_options(args)):
+                src_tokens = src_tokens or list(msg.source_tokens)
                 if msg.HasField("token"):
                     out_tokens.append(msg.token.text)
                     steps.append(list(msg.attention))
-                    print(_describe(msg, src_tokens=None), flush=True) if attention != "none" else \
+                    if attention == "none":
                         print(msg.token.text, end="", flush=True)
+                    else:
+                        print(_describe(msg, src_tokens), flush=True)
                 if msg.HasField("finish"):
                     f = msg.finish
-                    src_tokens = list(f.source_tokens)
                     reason = type(f).DESCRIPTOR.fields_by_name["reason"].enum_type.values_by_number[f.reason].name
                     print(("\n" if attention == "none" else "") +
                           f"[{f.model.name} v{f.model.version}] {f.text!r}: {f.generated_tokens} tokens, "
@@ -110,13 +112,15 @@ def generate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _describe(msg, src_tokens) -> str:
-    """One line per token: its text, log-prob, and where the (head-mean) cross-attention of each layer looks."""
-    parts = [f"{msg.token.index:3d} {msg.token.text!r:8} logprob {msg.token.logprob:7.3f}"]
+def _describe(msg, src_tokens: list[str]) -> str:
+    """One line per token: its text, log-prob, and the source token each layer's cross-attention favours."""
+    parts = [f"{msg.token.index:3d} {msg.token.text!r:6} logprob {msg.token.logprob:7.3f}"]
     for t in msg.attention:
         if t.kind == "cross":
-            row = _weights(t).mean(axis=0)[0]
-            parts.append(f"L{t.layer}: src[{int(row.argmax())}] {row.max():.2f}")
+            row = _weights(t).mean(axis=0)[0]  # mean over the heads sent
+            j = int(row.argmax())
+            label = src_tokens[j] if j < len(src_tokens) else str(j)
+            parts.append(f"layer {t.layer} -> {label!r} @{j} ({row[j]:.2f})")
     return "  ".join(parts)
 
 

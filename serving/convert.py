@@ -93,8 +93,9 @@ def token_to_pb(ev: TokenEvent) -> pb.Token:
     return pb.Token(id=ev.id, text=ev.text, logprob=ev.logprob, index=ev.index)
 
 
-def token_event_to_pb(ev: TokenEvent) -> pb.GenerateResponse:
-    return pb.GenerateResponse(token=token_to_pb(ev), attention=[attention_to_pb(s) for s in ev.attention])
+def token_event_to_pb(ev: TokenEvent, runner: ModelRunner, src: list[int]) -> pb.GenerateResponse:
+    return pb.GenerateResponse(token=token_to_pb(ev), attention=[attention_to_pb(s) for s in ev.attention],
+                               source_tokens=runner.tokenizer.token_strings(src) if ev.index == 0 else [])
 
 
 def finish_to_pb(ev: FinishEvent, runner: ModelRunner, src: list[int]) -> pb.GenerateResponse:

@@ -114,7 +114,7 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
                     (m.itl if ev.index else m.ttft).observe(now - last)  # the first token: since arrival
                     m.tokens.labels(runner.name).inc()
                     last = now
-                    yield convert.token_event_to_pb(ev)
+                    yield convert.token_event_to_pb(ev, runner, req.src)
                 else:
                     yield convert.finish_to_pb(ev, runner, req.src)
         finally:

@@ -81,6 +81,12 @@ def test_streamed_attention_equals_pytorch_and_rows_sum_to_1(client, tiny_checkp
             np.testing.assert_allclose(w, ref.numpy(), atol=1e-5)
 
 
+def test_first_message_names_the_source_tokens(client):
+    messages = list(client.generate("abc", model="tiny", max_new_tokens=3))
+    assert list(messages[0].source_tokens) == ["a", "b", "c"]
+    assert all(not m.source_tokens for m in messages[1:])
+
+
 def test_attention_selection_layers_heads_mean(client):
     _, attention, _ = _stream(client, "abc", model="tiny", attention="cross", layers=[1], heads=[0, 2],
                               max_new_tokens=5)
