@@ -1,7 +1,8 @@
 """Side-by-side latency and throughput of one exported model: PyTorch eager, ONNX Runtime direct, and the gRPC
 server (streamed, with and without attention; concurrent streams batched by the scheduler).
 
-    python -m bench.serving_bench --checkpoint checkpoints/dates --version-dir models/dates/1 [--repeats 30]
+    python -m bench.serving_bench --checkpoint checkpoints/dates --version-dir models/dates/1 \
+        [--version-dir models/dates-int8/1] [--repeats 30]
 
 Every variant runs on the same inputs in one process, interleaved round by round, so machine noise hits all of
 them alike; the table gives medians and ratios to the ORT-direct baseline. Writes Markdown to --out.
@@ -25,7 +26,8 @@ def _median_ms(xs: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=Path("checkpoints/dates"))
-    p.add_argument("--version-dir", type=Path, required=True)
+    p.add_argument("--version-dir", type=Path, action="append", required=True,
+                   help="an exported version; the first is the baseline, others (same repository) add rows")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path("out/bench.md"))
@@ -46,17 +48,24 @@ def main(argv: list[str] | None = None) -> int:
     model, tok, config = load_model(args.checkpoint)
     pairs = load_task(config["task"], config.get("training", {}).get("seed", 0)).test[: args.repeats]
     sources = [tok.encode(s) for s, _ in pairs]
-    runner = ModelRunner(args.version_dir, RunnerConfig(providers=("cpu",)))
-    runner.warm_up()
+    from export.validate import ort_greedy
+
+    dirs = args.version_dir
+    runners = [ModelRunner(d, RunnerConfig(providers=("cpu",))) for d in dirs]
+    for r in runners:
+        r.warm_up()
+    runner = runners[0]
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    repo = args.version_dir.parent.parent
+    repo = dirs[0].parent.parent
+    names = [d.parent.name for d in dirs]
     app = asyncio.run_coroutine_threadsafe(create_server(ServerConfig(
-        repo=repo, address="127.0.0.1:0", models=(args.version_dir.parent.name,), metrics_port=None,
+        repo=repo, address="127.0.0.1:0", models=tuple(names), metrics_port=None,
         poll_seconds=0, drain_seconds=0)), loop).result()
     client = AttnServeClient(f"127.0.0.1:{app.port}")
-    sched = app.registry.get(args.version_dir.parent.name).scheduler
+    name = names[0]
+    sched = app.registry.get(name).scheduler
 
     def ort_direct(src):
         async def run():
@@ -66,22 +75,29 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = {
         "PyTorch eager, greedy (KV cache)": lambda s: generate(model, [s], max_new_tokens=32),
+        "ORT sessions, plain greedy loop": lambda s: ort_greedy(runner.sessions, runner.config, [s], 32),
         "ORT scheduler, in process": ort_direct,
-        "gRPC Generate stream": lambda s: list(client.generate(s, max_new_tokens=32)),
-        "gRPC Generate stream + cross attention": lambda s: list(client.generate(s, max_new_tokens=32,
+        "gRPC Generate stream": lambda s: list(client.generate(s, model=name, max_new_tokens=32)),
+        "gRPC Generate stream + cross attention": lambda s: list(client.generate(s, model=name, max_new_tokens=32,
                                                                                   attention="cross")),
-        "gRPC Generate stream + all attention": lambda s: list(client.generate(s, max_new_tokens=32,
+        "gRPC Generate stream + all attention": lambda s: list(client.generate(s, model=name, max_new_tokens=32,
                                                                                 attention="all")),
-        "gRPC Predict (unary)": lambda s: client.predict(s, max_new_tokens=32),
+        "gRPC Predict (unary)": lambda s: client.predict(s, model=name, max_new_tokens=32),
     }
+    for other, r in zip(names[1:], runners[1:], strict=True):
+        precision = r.manifest["precision"]
+        variants[f"ORT sessions, plain greedy loop, {precision}"] = \
+            lambda s, r=r: ort_greedy(r.sessions, r.config, [s], 32)
+        variants[f"gRPC Generate stream, {precision}"] = \
+            lambda s, other=other: list(client.generate(s, model=other, max_new_tokens=32))
     for fn in variants.values():  # warm-up
         fn(sources[0])
     times: dict[str, list[float]] = {k: [] for k in variants}
     for src in tqdm(sources, desc="latency rounds", file=sys.stderr):
-        for name, fn in variants.items():
+        for label, fn in variants.items():
             t = time.perf_counter()
             fn(src)
-            times[name].append(time.perf_counter() - t)
+            times[label].append(time.perf_counter() - t)
 
     # Throughput: the same N requests one after another vs N concurrent streams batched by the scheduler.
     from concurrent.futures import ThreadPoolExecutor
@@ -93,19 +109,19 @@ def main(argv: list[str] | None = None) -> int:
         for _ in tqdm(range(5), desc="throughput rounds", file=sys.stderr):
             t = time.perf_counter()
             for s in batch:
-                list(client.generate(s, max_new_tokens=32))
+                list(client.generate(s, model=name, max_new_tokens=32))
             seq_t.append(time.perf_counter() - t)
             t = time.perf_counter()
-            list(pool.map(lambda s: list(client.generate(s, max_new_tokens=32)), batch))
+            list(pool.map(lambda s: list(client.generate(s, model=name, max_new_tokens=32)), batch))
             conc_t.append(time.perf_counter() - t)
 
-    base = statistics.median(times["ORT scheduler, in process"])
-    lines = [f"Model: `{args.version_dir}` ({runner.manifest['precision']}, d_model {runner.config['d_model']}, "
+    base = statistics.median(times["ORT sessions, plain greedy loop"])
+    lines = [f"Model: `{dirs[0]}` ({runner.manifest['precision']}, d_model {runner.config['d_model']}, "
              f"{runner.config['n_encoder_layers']}+{runner.config['n_decoder_layers']} layers), "
              f"{len(sources)} held-out inputs, up to 32 new tokens, one ORT intra-op thread, one torch thread.",
-             "", "| variant (one request at a time) | median ms | vs ORT in process |", "|---|---:|---:|"]
-    for name, xs in times.items():
-        lines.append(f"| {name} | {_median_ms(xs):.2f} | {statistics.median(xs) / base:.2f}x |")
+             "", "| variant (one request at a time) | median ms | vs ORT plain loop |", "|---|---:|---:|"]
+    for label, xs in times.items():
+        lines.append(f"| {label} | {_median_ms(xs):.2f} | {statistics.median(xs) / base:.2f}x |")
     s, c = statistics.median(seq_t), statistics.median(conc_t)
     lines += ["", f"| {n} requests | median ms | requests/s |", "|---|---:|---:|",
               f"| one after another | {s * 1e3:.1f} | {n / s:.1f} |",

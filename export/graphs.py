@@ -115,6 +115,8 @@ def export_graph(model: Seq2SeqTransformer, name: str, path: Path, opset: int) -
     wrapper.eval()  # the wrapper itself, not only the inner model
     enc_in, dec_in = example_inputs(model)
     args = enc_in if kind == "encoder" else dec_in
+    # The exporter logs a warning per missing optional torchvision op on every export; none is used here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=spec.inputs,

@@ -47,6 +47,7 @@ def prepare(repo: Path, name: str, version: int | None) -> tuple[int, Path]:
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+        staging.chmod(0o755)  # mkdtemp makes it 0700; a server running as another user must read it
     except OSError as e:
         raise RepositoryError(f"cannot write to the model repository {repo}: {e.strerror or e}") from e
     existing = versions(repo, name)

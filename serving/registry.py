@@ -73,7 +73,7 @@ class ModelRegistry:
                     log.error("could not load %s v%d, keeping %s: %s", name, latest,
                               f"v{current.runner.version}" if current else "nothing", e)
                     continue
-                scheduler = Scheduler(runner, self.executor, self.max_batch)
+                scheduler = Scheduler(runner, self.max_batch)
                 scheduler.start()
                 self.models[name] = Loaded(runner, scheduler)
                 changed.append(f"{name} v{latest}")

@@ -1,11 +1,12 @@
-"""Continuous batching: one background loop owns a model's sessions and steps every active sequence together.
+"""Continuous batching: one engine thread per model owns its sessions and steps every active sequence together.
 
-Each request gets a `Sequence` with its own asyncio.Queue of events. The loop admits new sequences (encoder pass),
-drops cancelled or expired ones, runs one decoder step per group (the fast graph, or the attention graph for
-sequences that asked for attention), and pushes each sequence's token into its queue. Sequences of different
-lengths share a batch: each cache is left-padded to the longest and the padding is masked out. ONNX Runtime runs
-in a worker thread, never on the event loop. If a step fails, the sequences in it get the error and the loop
-goes on; if the loop itself dies, every open stream fails at once instead of hanging.
+Each request gets a `Sequence` with its own asyncio.Queue of events. The engine thread admits new sequences
+(encoder pass), drops cancelled or expired ones, runs one decoder step per group (the fast graph, or the attention
+graph for sequences that asked for attention), and hands each step's tokens to the event loop in one
+`call_soon_threadsafe`, so the engine never waits for the loop between steps. Sequences of different lengths
+share a batch: each cache is left-padded to the longest and the padding is masked out. If a step fails, the
+sequences in it get the error and the engine goes on; if the engine itself dies, every open stream fails at once
+instead of hanging.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +43,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     rng: np.random.Generator | None = None
-    cancelled: bool = False
+    cancelled: bool = False  # set from the event loop, read by the engine at its next step
     finished: bool = False
 
     @property
@@ -51,14 +52,14 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, executor: ThreadPoolExecutor, max_batch: int = 32) -> None:
+    def __init__(self, runner: ModelRunner, max_batch: int = 32) -> None:
         self.runner = runner
-        self.executor = executor
         self.max_batch = max_batch
-        self.pending: list[Sequence] = []
-        self.active: list[Sequence] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self.pending: list[Sequence] = []  # submitted, not yet encoded
+        self.active: list[Sequence] = []  # encoded, being decoded
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.steps = 0  # decoder steps run, for tests and metrics
 
@@ -67,16 +68,16 @@ class Scheduler:
         return len(self.pending) + len(self.active)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"scheduler-{self.runner.name}")
-        self._task.add_done_callback(self._on_loop_exit)
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._engine, name=f"engine-{self.runner.name}", daemon=True)
+        self._thread.start()
 
     async def close(self) -> None:
-        self._closed = True
-        self._wake.set()
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     def submit(self, req: GenerationRequest) -> Sequence:
         if self._closed:
@@ -86,8 +87,9 @@ class Scheduler:
             seq.rng = np.random.default_rng(req.params.seed)
         elif not req.params.greedy:
             seq.rng = np.random.default_rng()
-        self.pending.append(seq)
-        self._wake.set()
+        with self._cv:
+            self.pending.append(seq)
+            self._cv.notify()
         return seq
 
     async def stream(self, seq: Sequence) -> AsyncIterator[TokenEvent | FinishEvent]:
@@ -102,58 +104,69 @@ class Scheduler:
                     return
         finally:
             seq.cancelled = True
-            self._wake.set()
 
-    # ------------------------------------------------------------------ the loop
-    def _on_loop_exit(self, task: asyncio.Task) -> None:
-        exc = None if task.cancelled() else task.exception()
-        err = Unavailable(f"the scheduler of {self.runner.name} stopped ({exc or 'shutdown'}); retry")
-        for seq in self.pending + self.active:
-            seq.queue.put_nowait(err)
-        self.pending.clear()
-        self.active.clear()
+    # ------------------------------------------------------------------ the engine thread
+    def _deliver(self, batch: list[tuple[Sequence, list]]) -> None:
+        """On the event loop: put each sequence's events into its queue."""
+        for seq, events in batch:
+            for ev in events:
+                seq.queue.put_nowait(ev)
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._closed:
-            if not self.pending and not self.active:
-                self._wake.clear()
-                await self._wake.wait()
+    def _send(self, batch: list[tuple[Sequence, list]]) -> None:
+        if batch:
+            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
+                self._loop.call_soon_threadsafe(self._deliver, batch)
+
+    def _engine(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._closed and not self.pending and not self.active:
+                        self._cv.wait()
+                    if self._closed:
+                        break
+                    room = self.max_batch - len(self.active)
+                    new, self.pending = self.pending[:room], self.pending[room:]
+                self._iteration(new)
+        except Exception as e:
+            log.exception("the engine of %s died", self.runner.name)
+            reason = e
+        else:
+            reason = "shutdown"
+        err = Unavailable(f"the engine of {self.runner.name} v{self.runner.version} stopped ({reason}); retry")
+        with self._cv:
+            orphans, self.pending, self.active = self.pending + self.active, [], []
+        self._send([(s, [err]) for s in orphans])
+
+    def _iteration(self, new: list[Sequence]) -> None:
+        now = time.monotonic()
+        for seq in self.active + new:
+            if seq.req.deadline is not None and now > seq.req.deadline:
+                seq.cancelled = True
+        self.active = [s for s in self.active if not s.cancelled]  # frees their caches
+        new = [s for s in new if not s.cancelled]
+        if new:
+            try:
+                self._admit(new)
+                self.active += new
+            except Exception as e:  # a bad source must not take the engine down
+                log.exception("encoder pass failed")
+                self._send([(s, [e]) for s in new])
+        for flag in (False, True):
+            group = [s for s in self.active if s.attention == flag]
+            if not group:
                 continue
-            now = time.monotonic()
-            for seq in self.active + self.pending:
-                if seq.req.deadline is not None and now > seq.req.deadline:
-                    seq.cancelled = True
-            self.pending = [s for s in self.pending if not s.cancelled]
-            self.active = [s for s in self.active if not s.cancelled]  # frees their caches
-            room = self.max_batch - len(self.active)
-            if room > 0 and self.pending:
-                new, self.pending = self.pending[:room], self.pending[room:]
-                try:
-                    await loop.run_in_executor(self.executor, self._admit, new)
-                    self.active += new
-                except Exception as e:  # a bad source must not take the loop down
-                    log.exception("encoder pass failed")
-                    for seq in new:
-                        seq.queue.put_nowait(e)
-            for flag in (False, True):
-                group = [s for s in self.active if s.attention == flag and not s.cancelled]
-                if not group:
-                    continue
-                try:
-                    events = await loop.run_in_executor(self.executor, self._step, group)
-                except Exception as e:
-                    log.exception("decoder step failed")
-                    events = [(s, [e]) for s in group]
-                    for s in group:
-                        s.finished = True
-                for seq, evs in events:
-                    for ev in evs:
-                        seq.queue.put_nowait(ev)
-            self.active = [s for s in self.active if not s.finished]
-            await asyncio.sleep(0)  # let handlers read their queues between steps
+            try:
+                batch = self._step(group)
+            except Exception as e:
+                log.exception("decoder step failed")
+                batch = [(s, [e]) for s in group]
+                for s in group:
+                    s.finished = True
+            self._send(batch)
+        self.active = [s for s in self.active if not s.finished]
 
-    # ------------------------------------------------------------------ worker-thread work
+    # ------------------------------------------------------------------ model work, on the engine thread
     def _admit(self, seqs: list[Sequence]) -> None:
         r = self.runner
         for seq in seqs:
@@ -162,9 +175,17 @@ class Scheduler:
             seq.cross_k, seq.cross_v = out["cross_k"], out["cross_v"]
             seq.past_k = seq.past_v = r.empty_cache()
 
-    def _step(self, group: list[Sequence]) -> list[tuple[Sequence, list]]:
+    def _feeds(self, group: list[Sequence]) -> tuple[dict[str, np.ndarray], int]:
+        """Decoder inputs for `group` and the padded past length P."""
         r = self.runner
         n = len(group)
+        if n == 1:  # nothing to pad: hand the sequence's own arrays over without copying
+            s = group[0]
+            P = s.past_k.shape[3]
+            return {"input_ids": np.array([s.tokens[-1] if s.tokens else r.bos_id], np.int64),
+                    "positions": np.array([P], np.int64), "self_mask": np.ones((1, P + 1), bool),
+                    "past_k": s.past_k, "past_v": s.past_v, "cross_k": s.cross_k, "cross_v": s.cross_v,
+                    "src_mask": np.ones((1, s.cross_k.shape[3]), bool)}, P
         S = max(s.cross_k.shape[3] for s in group)
         P = max(s.past_k.shape[3] for s in group)
         L, nh, hs = r.n_layers, r.n_heads, r.head_dim
@@ -184,9 +205,12 @@ class Scheduler:
             self_mask[i, P - past:] = True
             positions[i] = past
             tokens[i] = s.tokens[-1] if s.tokens else r.bos_id
-        out = r.step({"input_ids": tokens, "positions": positions, "self_mask": self_mask, "past_k": past_k,
-                      "past_v": past_v, "cross_k": cross_k, "cross_v": cross_v, "src_mask": src_mask},
-                     attention=group[0].attention)
+        return {"input_ids": tokens, "positions": positions, "self_mask": self_mask, "past_k": past_k,
+                "past_v": past_v, "cross_k": cross_k, "cross_v": cross_v, "src_mask": src_mask}, P
+
+    def _step(self, group: list[Sequence]) -> list[tuple[Sequence, list]]:
+        feeds, P = self._feeds(group)
+        out = self.runner.step(feeds, attention=group[0].attention)
         self.steps += 1
         now = time.monotonic()
         results = []
