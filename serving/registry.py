@@ -35,6 +35,14 @@ def versions_on_disk(repo: Path, name: str) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "manifest.json").is_file())
 
 
+def _signature(path: Path) -> tuple:
+    """Names, sizes and modification times of a version's files: changes when a copy into it progresses."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()))
+    except OSError:
+        return ()
+
+
 class ModelRegistry:
     def __init__(self, repo: Path, runner_cfg: RunnerConfig, executor: ThreadPoolExecutor,
                  only: tuple[str, ...] = (), max_batch: int = 32,
@@ -45,7 +53,7 @@ class ModelRegistry:
         self.only = only
         self.max_batch = max_batch
         self.models: dict[str, Loaded] = {}
-        self.failed: dict[tuple[str, int], str] = {}  # versions that did not load, and why
+        self.failed: dict[tuple[str, int], tuple] = {}  # versions that did not load: (files' signature, why)
         self._draining: set[Scheduler] = set()
         self._lock = asyncio.Lock()
         self._on_change = on_change
@@ -62,24 +70,28 @@ class ModelRegistry:
             changed = []
             loop = asyncio.get_running_loop()
             for name in self.model_names_on_disk():
-                latest = versions_on_disk(self.repo, name)[-1]
                 current = self.models.get(name)
-                if (current and current.runner.version >= latest) or (name, latest) in self.failed:
-                    continue
-                try:
-                    runner = await loop.run_in_executor(self.executor, self._load, self.repo / name / str(latest))
-                except Exception as e:  # ModelLoadError or anything else: the old version keeps serving
-                    self.failed[(name, latest)] = str(e)
-                    log.error("could not load %s v%d, keeping %s: %s", name, latest,
-                              f"v{current.runner.version}" if current else "nothing", e)
-                    continue
-                scheduler = Scheduler(runner, self.max_batch)
-                scheduler.start()
-                self.models[name] = Loaded(runner, scheduler)
-                changed.append(f"{name} v{latest}")
-                if current:
-                    self._draining.add(current.scheduler)
-                log.info("serving %s v%d", name, latest)
+                floor = current.runner.version if current else 0
+                # newest first; a version that fails to load falls back to the next older one not yet served
+                for version in reversed([v for v in versions_on_disk(self.repo, name) if v > floor]):
+                    path = self.repo / name / str(version)
+                    if self.failed.get((name, version), (None,))[0] == _signature(path):
+                        continue  # failed before and unchanged since: retried once its files change (a slow copy)
+                    try:
+                        runner = await loop.run_in_executor(self.executor, self._load, path)
+                    except Exception as e:  # ModelLoadError or anything else: the old version keeps serving
+                        self.failed[(name, version)] = (_signature(path), str(e))
+                        log.error("could not load %s v%d, keeping %s: %s", name, version,
+                                  f"v{current.runner.version}" if current else "nothing", e)
+                        continue
+                    scheduler = Scheduler(runner, self.max_batch)
+                    scheduler.start()
+                    self.models[name] = Loaded(runner, scheduler)
+                    changed.append(f"{name} v{version}")
+                    if current:
+                        self._draining.add(current.scheduler)
+                    log.info("serving %s v%d", name, version)
+                    break
             await self._close_idle()
             if changed and self._on_change:
                 self._on_change()

@@ -91,6 +91,9 @@ class ModelRunner:
                     raise ModelLoadError(f"{path}: missing or its sha256 differs from the manifest")
         self.name: str = self.manifest["name"]
         self.version: int = int(self.manifest["version"])
+        if self.dir.name.isdigit() and int(self.dir.name) != self.version:
+            raise ModelLoadError(f"{self.dir}: the manifest says version {self.version} but the folder is "
+                                 f"{self.dir.name}; export versions with `attnserve export` instead of copying")
         self.config: dict = self.manifest["model_config"]
         self.tokenizer = ServingTokenizer.load(self.dir / self.manifest["tokenizer"])
         self.n_layers = self.config["n_decoder_layers"]

@@ -378,18 +378,48 @@ def test_concurrent_streams_batched_together_give_the_same_tokens(server, tiny_c
 
 
 def test_a_broken_new_version_leaves_the_old_one_serving(tiny_repo, tmp_path):
+    import json
     import shutil
+
+    from serving.runner import ModelLoadError, ModelRunner, RunnerConfig
 
     repo = tmp_path / "models"
     shutil.copytree(tiny_repo / "tiny", repo / "tiny")
     s = ServerThread(ServerConfig(repo=repo, address="127.0.0.1:0", metrics_port=None, poll_seconds=0,
                                   drain_seconds=0.0))
     try:
-        shutil.copytree(repo / "tiny" / "1", repo / "tiny" / "2")
-        (repo / "tiny" / "2" / "decoder.onnx").write_bytes(b"truncated")
+        v2 = repo / "tiny" / "2"
+        shutil.copytree(repo / "tiny" / "1", v2)
+        with pytest.raises(ModelLoadError, match="manifest says version 1 but the folder is 2"):
+            ModelRunner(v2, RunnerConfig(providers=("cpu",)))
+        manifest = json.loads((v2 / "manifest.json").read_text())
+        (v2 / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+        (v2 / "decoder.onnx").write_bytes(b"truncated")
         with AttnServeClient(s.address) as c:
             assert [(m.name, m.version) for m in c.reload().models] == [("tiny", 1)]
             assert c.predict("abc").model.version == 1
-        assert "sha256" in s.app.registry.failed[("tiny", 2)]
+            assert "sha256" in s.app.registry.failed[("tiny", 2)][1]
+            shutil.copy(repo / "tiny" / "1" / "decoder.onnx", v2 / "decoder.onnx")  # the slow copy completes
+            assert [(m.name, m.version) for m in c.reload().models] == [("tiny", 2)]
+    finally:
+        s.stop()
+
+
+def test_a_fresh_server_falls_back_to_the_newest_loadable_version(tiny_repo, tmp_path):
+    import json
+    import shutil
+
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_repo / "tiny", repo / "tiny")
+    v2 = repo / "tiny" / "2"
+    shutil.copytree(repo / "tiny" / "1", v2)
+    manifest = json.loads((v2 / "manifest.json").read_text())
+    (v2 / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    (v2 / "encoder.onnx").write_bytes(b"")
+    s = ServerThread(ServerConfig(repo=repo, address="127.0.0.1:0", metrics_port=None, poll_seconds=0,
+                                  drain_seconds=0.0))
+    try:
+        with AttnServeClient(s.address) as c:
+            assert c.predict("abc").model.version == 1
     finally:
         s.stop()
