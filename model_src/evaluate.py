@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import CheckpointError, load_model
-from .tasks import CorpusError, load_task, tsv_task
+from .tasks import CorpusError, task_of_checkpoint, tsv_task
 from .train import TrainConfig, encode_pairs, evaluate
 
 
@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tok, config = load_model(args.checkpoint)
         seed = config.get("training", {}).get("seed", 0)
-        task = tsv_task(args.data, seed) if args.data else load_task(config["task"], seed)
+        task = tsv_task(args.data, seed) if args.data else task_of_checkpoint(config)
+        if task is None:
+            raise ValueError(f"cannot rebuild the data of task {config.get('task')!r}: pass --data FILE.tsv")
     except (CheckpointError, CorpusError, ValueError) as e:
         print(f"attnserve evaluate: error: {e}", file=sys.stderr)
         return 2

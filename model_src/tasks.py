@@ -135,6 +135,16 @@ def copy_task(seed: int = 0, n_train: int = 60000, n_eval: int = 1000) -> TaskDa
 TASKS = {"dates": dates_task, "reverse": reverse_task, "copy": copy_task}
 
 
+def task_of_checkpoint(config: dict) -> TaskData | None:
+    """The task a checkpoint was trained on, rebuilt from its config.json; None if it cannot be rebuilt."""
+    seed = config.get("training", {}).get("seed", 0)
+    if config.get("task") in TASKS:
+        return TASKS[config["task"]](seed)
+    if config.get("data") and Path(config["data"]).is_file():
+        return tsv_task(Path(config["data"]), seed)
+    return None
+
+
 def load_task(name: str, seed: int = 0) -> TaskData:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(sorted(TASKS))}, or pass --data FILE.tsv")

@@ -100,7 +100,7 @@ def _init_distributed() -> tuple[int, int]:
 
 
 def train(task: TaskData, out: Path, model_cfg: dict, cfg: TrainConfig, tokenizer_kind: str = "char",
-          resume: bool = False, progress: bool = True) -> dict:
+          resume: bool = False, progress: bool = True, data_path: Path | None = None) -> dict:
     """Train on `task`, writing the checkpoint directory `out`; returns the final metrics."""
     rank, world = _init_distributed()
     torch.manual_seed(cfg.seed)
@@ -122,6 +122,8 @@ def train(task: TaskData, out: Path, model_cfg: dict, cfg: TrainConfig, tokenize
         log.info("resumed %s at step %d", out, step)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     extra = {"task": task.name, "tokenizer_kind": tokenizer_kind, "training": {**asdict(cfg), "world_size": world}}
+    if data_path is not None:  # lets evaluate and export find the held-out split of a user corpus again
+        extra["data"] = str(Path(data_path).resolve())
     rng = random.Random(cfg.seed * 1000 + rank + step)  # each rank draws its own batches
     start = time.monotonic()
     bar = None
@@ -226,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "d_ff", "dropout")}
         ModelConfig(src_vocab_size=8, tgt_vocab_size=8, **model_cfg)  # refuse a bad config before any work
         kind = args.tokenizer or ("bpe" if args.data else "char")
-        result = train(task, args.out, model_cfg, cfg, kind, resume=args.resume, progress=not args.quiet)
+        result = train(task, args.out, model_cfg, cfg, kind, resume=args.resume, progress=not args.quiet,
+                       data_path=args.data)
     except (ValueError, CorpusError, FileNotFoundError) as e:
         print(f"attnserve train: error: {e}", file=sys.stderr)
         return 2

@@ -97,3 +97,18 @@ def test_train_cli_malformed_tsv(tmp_path):
     r = _attnserve("train", "--data", str(data), "--out", str(tmp_path / "x"), "--steps", "1")
     assert r.returncode == 2
     assert "c.tsv:2" in r.stderr
+
+
+def test_user_corpus_trains_with_bpe_and_evaluates_from_its_checkpoint(tmp_path):
+    data = tmp_path / "pairs.tsv"
+    words = ["cat", "dog", "house", "tree", "car", "sun"]
+    data.write_text("".join(f"{a} {b}\t{b} {a}\n" for a in words for b in words), encoding="utf-8")
+    out = tmp_path / "ck"
+    r = _attnserve("train", "--data", str(data), "--out", str(out), "--steps", "4", "--eval-every", "2",
+                   "--eval-examples", "4", "--d-model", "32", "--d-ff", "64", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["tokenizer_kind"] == "bpe" and config["data"] == str(data.resolve())
+    ev = _attnserve("evaluate", str(out))  # finds the corpus again from config.json
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert "held-out pairs): exact match" in ev.stdout
