@@ -137,7 +137,8 @@ def train(task: TaskData, out: Path, model_cfg: dict, cfg: TrainConfig, tokenize
         step += 1
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg, config.d_model)
-        src, smask, tin, tmask, labels = make_batch(rng.sample(train_data, min(cfg.batch_size, len(train_data))), config)
+        examples = rng.sample(train_data, min(cfg.batch_size, len(train_data)))  # a tiny corpus: all of it
+        src, smask, tin, tmask, labels = make_batch(examples, config)
         logits = ddp_model(src, smask, tin, tmask)  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=config.pad_id,
                                label_smoothing=cfg.label_smoothing)
