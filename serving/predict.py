@@ -2,11 +2,53 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
 import numpy as np
 
-from .requests import AttentionSlice, AttentionSpec, select
+from .requests import AttentionSlice, AttentionSpec, FinishEvent, GenerationRequest, TokenEvent, select
 from .runner import ModelRunner
 from .sampling import log_softmax
+from .scheduler import Scheduler
+
+
+@dataclass
+class Prediction:
+    tokens: list[TokenEvent]
+    text: str
+    reason: str  # eos | length | stop
+    score: float  # beam: length-normalised log-prob; otherwise the summed log-prob
+    attention: list[AttentionSlice]  # full (heads, T_q, T_k) matrices
+
+
+async def predict(scheduler: Scheduler, req: GenerationRequest, beam_size: int,
+                  run: Callable[..., Awaitable]) -> Prediction:
+    """The whole output: beam search (run off the event loop by `run`) or the scheduler's greedy/sampled stream,
+    with the attention matrices the request asks for."""
+    runner, spec = scheduler.runner, req.attention
+    attention: list[AttentionSlice] = []
+    if beam_size > 1:
+        ids, logprobs, score, reason = await run(beam_search, runner, req.src, beam_size, req.params.max_new_tokens)
+        texts = [runner.tokenizer.decode(ids[:i]) for i in range(len(ids) + 1)]
+        tokens = [TokenEvent(t, texts[i + 1][len(texts[i]):], lp, i)
+                  for i, (t, lp) in enumerate(zip(ids, logprobs, strict=True))]
+        text = texts[-1]
+        if spec is not None and spec.wants_decoder and ids:
+            attention = assemble(await run(replay_attention, runner, req.src, ids, spec))
+    else:
+        tokens, finish = [], None
+        async for ev in scheduler.stream(scheduler.submit(req)):
+            if isinstance(ev, FinishEvent):
+                finish = ev
+            else:
+                tokens.append(ev)
+        text, reason, score = finish.text, finish.reason, sum(t.logprob for t in tokens)
+        if spec is not None and spec.wants_decoder:
+            attention = assemble([t.attention for t in tokens])
+    if spec is not None and "encoder_self" in spec.kinds:
+        attention = await run(encoder_attention, runner, req.src, spec) + attention
+    return Prediction(tokens, text, reason, score, attention)
 
 
 def beam_search(runner: ModelRunner, src: list[int], beam_size: int, max_new_tokens: int,

@@ -128,6 +128,11 @@ def check_attention(spec: AttentionSpec | None, n_enc: int, n_dec: int, n_heads:
         raise InvalidRequest("attention layers and heads must not repeat")
 
 
+def check_beam(beam_size: int, limits: Limits) -> None:
+    if not 0 <= beam_size <= limits.max_beam_size:
+        raise InvalidRequest(f"beam_size must be 0..{limits.max_beam_size} (0 or 1: no beam search), got {beam_size}")
+
+
 def check_stream_budget(active: int, limits: Limits) -> None:
     if active >= limits.max_concurrent_streams:
         raise LimitExceeded(f"{active} streams already active, the limit is {limits.max_concurrent_streams} "

@@ -18,10 +18,10 @@ from protos import attnserve_v1_pb2 as pb
 from protos import attnserve_v1_pb2_grpc as pb_grpc
 
 from . import convert
-from .errors import InvalidRequest, LimitExceeded, Unavailable, status_of
-from .predict import assemble, beam_search, encoder_attention, replay_attention
+from .errors import LimitExceeded, Unavailable, status_of
+from .predict import predict
 from .registry import versions_on_disk
-from .requests import FinishEvent, TokenEvent, check_stream_budget
+from .requests import TokenEvent, check_beam, check_stream_budget
 
 log = logging.getLogger(__name__)
 
@@ -125,38 +125,15 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
         loaded = self.app.registry.get(request.model.name, request.model.version)
         runner = loaded.runner
         req = convert.generation_from_pb(request, runner, self.app.limits, _deadline(context), encoder_attention=True)
-        spec = req.attention
-        if request.beam_size < 0 or request.beam_size > self.app.limits.max_beam_size:
-            raise InvalidRequest(f"beam_size must be 0..{self.app.limits.max_beam_size}, got {request.beam_size}")
-        attention = []
-        if request.beam_size > 1:
-            ids, logprobs, score, reason = await self._run(beam_search, runner, req.src, request.beam_size,
-                                                           req.params.max_new_tokens)
-            text = runner.tokenizer.decode(ids)
-            tokens = [TokenEvent(t, runner.tokenizer.decode(ids[: i + 1])[len(runner.tokenizer.decode(ids[:i])):],
-                                 lp, i) for i, (t, lp) in enumerate(zip(ids, logprobs, strict=True))]
-            if spec is not None and spec.wants_decoder and ids:
-                attention = assemble(await self._run(replay_attention, runner, req.src, ids, spec))
-        else:
-            seq = loaded.scheduler.submit(req)
-            tokens, finish = [], None
-            async for ev in loaded.scheduler.stream(seq):
-                if isinstance(ev, FinishEvent):
-                    finish = ev
-                else:
-                    tokens.append(ev)
-            text, reason, score = finish.text, finish.reason, sum(t.logprob for t in tokens)
-            if spec is not None and spec.wants_decoder:
-                attention = assemble([t.attention for t in tokens])
-        if spec is not None and "encoder_self" in spec.kinds:
-            attention = await self._run(encoder_attention, runner, req.src, spec) + attention
-        response = convert.predict_to_pb(runner, req.src, tokens, text, reason, attention, score)
+        check_beam(request.beam_size, self.app.limits)
+        p = await predict(loaded.scheduler, req, request.beam_size, self._run)
+        response = convert.predict_to_pb(runner, req.src, p.tokens, p.text, p.reason, p.attention, p.score)
         size = response.ByteSize()
         if size > self.app.limits.max_message_bytes:
             raise LimitExceeded(f"the response would be {size} bytes, over max_message_bytes "
                                  f"({self.app.limits.max_message_bytes}); select fewer attention layers or heads, "
                                  "use mean_over_heads, or stream with Generate")
-        self.app.metrics.tokens.labels(runner.name).inc(len(tokens))
+        self.app.metrics.tokens.labels(runner.name).inc(len(p.tokens))
         return response
 
     @rpc("Encode")

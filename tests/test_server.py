@@ -188,6 +188,12 @@ BAD = [
 ]
 
 
+def test_beam_size_over_the_limit_is_invalid(client):
+    with pytest.raises(grpc.RpcError) as e:
+        client.predict("abc", model="tiny", beam_size=99)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "beam_size must be 0..8" in e.value.details()
+
+
 @pytest.mark.parametrize("kwargs,code,needle", BAD)
 def test_bad_requests_get_precise_status_and_the_server_keeps_serving(client, kwargs, code, needle):
     kwargs = dict(kwargs)
