@@ -64,13 +64,19 @@ def _panels(tensors_by_step: list[list], kind: str) -> list[tuple[str, np.ndarra
 
 
 def _plot(path: Path, steps: list[list], src_tokens: list[str], out_tokens: list[str], attention: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("--plot needs matplotlib: pip install 'attnserve[plot]'", file=sys.stderr)
+        return
     from .plot import heatmap
 
     kind = "cross" if attention in ("cross", "all") else "decoder_self"
     cols = src_tokens if kind == "cross" else ["<bos>", *out_tokens[:-1]]
     panels = _panels(steps, kind)
     if panels:
-        heatmap(path, panels, out_tokens, cols, title=f"{kind} attention")
+        heatmap(path, panels, out_tokens, cols, title=f"{kind} attention",
+                xlabel="input tokens" if kind == "cross" else "output tokens so far (decoder input)")
         print(f"heatmap written to {path}", file=sys.stderr)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 
 def heatmap(path: Path, panels: list[tuple[str, np.ndarray]], rows: list[str], cols: list[str],
-            title: str = "") -> Path:
+            title: str = "", xlabel: str = "input tokens") -> Path:
     """Write a PNG with one heatmap per (label, matrix (len(rows), len(cols))) panel."""
     import matplotlib
 
@@ -29,7 +29,7 @@ def heatmap(path: Path, panels: list[tuple[str, np.ndarray]], rows: list[str], c
         ax.set_title(label, fontsize=9)
         ax.set_xticks(range(len(cols)), [c if c.strip() else "␣" for c in cols], fontsize=7, rotation=90)
         ax.set_yticks(range(len(rows)), [r if r.strip() else "␣" for r in rows], fontsize=7)
-        ax.set_xlabel("input tokens", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel("output tokens", fontsize=8)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="attention probability")
     if title:

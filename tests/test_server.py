@@ -429,3 +429,22 @@ def test_a_fresh_server_falls_back_to_the_newest_loadable_version(tiny_repo, tmp
             assert c.predict("abc").model.version == 1
     finally:
         s.stop()
+
+
+def test_generate_command_streams_and_plots_a_heatmap(server, tmp_path, capsys):
+    from serving.client_cli import generate_main, models_main, predict_main
+
+    png = tmp_path / "attn.png"
+    assert generate_main(["hello", "--server", server.address, "--model", "tiny", "--attention", "cross",
+                          "--mean", "--plot", str(png)]) == 0
+    out, err = capsys.readouterr()
+    assert "layer 1 ->" in out and "heatmap written" in err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    png2 = tmp_path / "self.png"
+    assert predict_main(["hello", "--server", server.address, "--model", "tiny", "--attention", "self",
+                         "--plot", str(png2)]) == 0
+    assert png2.exists()
+    assert models_main(["--server", server.address, "--info"]) == 0
+    assert "12 attention blocks" in capsys.readouterr().out
+    assert generate_main(["", "--server", server.address, "--model", "tiny"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
