@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from serving.requests import Limits
 from serving.server import App, ServerConfig, create_server
 
 
@@ -25,3 +26,9 @@ class ServerThread:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
+
+
+def start(repo, models=(), poll_seconds=0.0, drain_seconds=0.0, **limits) -> ServerThread:
+    """A server of its own for tests that change its repository or limits."""
+    return ServerThread(ServerConfig(repo=repo, address="127.0.0.1:0", metrics_port=None, models=tuple(models),
+                                     poll_seconds=poll_seconds, drain_seconds=drain_seconds, limits=Limits(**limits)))
