@@ -14,7 +14,6 @@ from .server_harness import start
 
 
 def test_health_flips_on_load_and_on_shutdown(tiny_repo, tmp_path):
-
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     repo = tmp_path / "models"
@@ -50,8 +49,6 @@ def test_health_flips_on_load_and_on_shutdown(tiny_repo, tmp_path):
 
 
 def test_new_version_is_picked_up_while_a_stream_runs(tiny_repo, tmp_path):
-    import shutil
-
     repo = tmp_path / "models"
     shutil.copytree(tiny_repo / "tiny", repo / "tiny")
     s = start(repo, poll_seconds=0.2)
@@ -76,8 +73,6 @@ def test_new_version_is_picked_up_while_a_stream_runs(tiny_repo, tmp_path):
 
 
 def test_a_broken_new_version_leaves_the_old_one_serving(tiny_repo, tmp_path):
-    import shutil
-
     from serving.runner import ModelLoadError, ModelRunner, RunnerConfig
 
     repo = tmp_path / "models"
@@ -102,8 +97,6 @@ def test_a_broken_new_version_leaves_the_old_one_serving(tiny_repo, tmp_path):
 
 
 def test_a_fresh_server_falls_back_to_the_newest_loadable_version(tiny_repo, tmp_path):
-    import shutil
-
     repo = tmp_path / "models"
     shutil.copytree(tiny_repo / "tiny", repo / "tiny")
     v2 = repo / "tiny" / "2"
