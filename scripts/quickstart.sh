@@ -5,7 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
-ADDRESS=${ATTNSERVE_ADDRESS:-127.0.0.1:50051}
 VENV=${VENV:-.venv}
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
@@ -21,6 +20,17 @@ fi
 "$A" inspect "models/dates/$(ls models/dates | grep -E '^[0-9]+$' | sort -n | tail -1)"
 
 mkdir -p out
+# 127.0.0.1:50051 unless ATTNSERVE_ADDRESS says otherwise or the port is taken (then any free port).
+ADDRESS=${ATTNSERVE_ADDRESS:-$("$VENV/bin/python" - <<'PY'
+import socket
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", 50051))
+except OSError:
+    s.bind(("127.0.0.1", 0))
+print(f"127.0.0.1:{s.getsockname()[1]}")
+PY
+)}
 "$A" serve --repo models --address "$ADDRESS" --metrics-port -1 --drain-seconds 0 > out/server.log 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
