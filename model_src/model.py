@@ -4,8 +4,8 @@ Read top to bottom: config, attention, feed-forward, layers, then the seq2seq mo
 `decode_step()` are the seams that export turns into ONNX graphs and the server calls.
 
 Departures from the paper, each on purpose:
-- Pre-norm (LayerNorm before each sub-layer, one final LayerNorm per stack): it trains stably with a short
-  warmup on small data, where post-norm needed a much longer schedule here.
+- Pre-norm by default (LayerNorm before each sub-layer, one final LayerNorm per stack); the paper's post-norm
+  (LayerNorm after each residual addition) is `pre_norm=False`. README gives the figures behind the default.
 - Masks are boolean (True = may attend) and filled with the dtype's lowest finite value, never -inf, so a fully
   masked row gives zeros instead of NaN.
 """
@@ -36,6 +36,7 @@ class ModelConfig:
     bos_id: int = 1
     eos_id: int = 2
     share_embeddings: bool = False  # only valid when source and target share one vocabulary
+    pre_norm: bool = True  # LayerNorm before each sub-layer (False: after each residual add, as in the paper)
 
     def __post_init__(self) -> None:
         positive = ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "n_encoder_layers",
@@ -153,43 +154,57 @@ class FeedForward(nn.Module):
         return self.fc2(self.dropout(F.relu(self.fc1(x))))
 
 
-class EncoderLayer(nn.Module):
+class _Residual(nn.Module):
+    """Where the LayerNorm of a residual sub-layer sits: on its input (pre-norm) or on the sum (post-norm)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.pre_norm = config.pre_norm
+        self.dropout = nn.Dropout(config.dropout)
+
+    def _pre(self, norm: nn.LayerNorm, x: Tensor) -> Tensor:
+        return norm(x) if self.pre_norm else x
+
+    def _add(self, norm: nn.LayerNorm, x: Tensor, y: Tensor) -> Tensor:
+        x = x + self.dropout(y)
+        return x if self.pre_norm else norm(x)
+
+
+class EncoderLayer(_Residual):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
         self.norm1 = nn.LayerNorm(config.d_model)
         self.self_attn = MultiHeadAttention(config)
         self.norm2 = nn.LayerNorm(config.d_model)
         self.ff = FeedForward(config)
-        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.norm1(x)
+        h = self._pre(self.norm1, x)
         a, probs, _, _ = self.self_attn(h, h, mask)
-        x = x + self.dropout(a)
-        x = x + self.dropout(self.ff(self.norm2(x)))
+        x = self._add(self.norm1, x, a)
+        x = self._add(self.norm2, x, self.ff(self._pre(self.norm2, x)))
         return x, probs
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(_Residual):
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(config)
         self.norm1 = nn.LayerNorm(config.d_model)
         self.self_attn = MultiHeadAttention(config)
         self.norm2 = nn.LayerNorm(config.d_model)
         self.cross_attn = MultiHeadAttention(config)
         self.norm3 = nn.LayerNorm(config.d_model)
         self.ff = FeedForward(config)
-        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, self_mask: Tensor, cross_k: Tensor,
                 cross_v: Tensor, cross_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """x (B, T, C); returns x, this layer's self-attention keys/values with x's appended, and both probs."""
-        h = self.norm1(x)
+        h = self._pre(self.norm1, x)
         a, self_probs, k, v = self.self_attn(h, h, self_mask, past_k, past_v)
-        x = x + self.dropout(a)
-        c, cross_probs, _, _ = self.cross_attn(self.norm2(x), None, cross_mask, cross_k, cross_v)
-        x = x + self.dropout(c)
-        x = x + self.dropout(self.ff(self.norm3(x)))
+        x = self._add(self.norm1, x, a)
+        c, cross_probs, _, _ = self.cross_attn(self._pre(self.norm2, x), None, cross_mask, cross_k, cross_v)
+        x = self._add(self.norm2, x, c)
+        x = self._add(self.norm3, x, self.ff(self._pre(self.norm3, x)))
         return x, k, v, self_probs, cross_probs
 
 
@@ -227,9 +242,10 @@ class Seq2SeqTransformer(nn.Module):
         self.tgt_embed = self.src_embed if config.share_embeddings else nn.Embedding(config.tgt_vocab_size, C)
         self.register_buffer("positions", sinusoidal_positions(config.max_len, C), persistent=False)
         self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
-        self.encoder_norm = nn.LayerNorm(C)
+        # post-norm layers end normalised already; pre-norm stacks need one final LayerNorm
+        self.encoder_norm = nn.LayerNorm(C) if config.pre_norm else nn.Identity()
         self.decoder = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_decoder_layers))
-        self.decoder_norm = nn.LayerNorm(C)
+        self.decoder_norm = nn.LayerNorm(C) if config.pre_norm else nn.Identity()
         self.lm_head = nn.Linear(C, config.tgt_vocab_size)
         self.dropout = nn.Dropout(config.dropout)
         self.apply(self._init_weights)

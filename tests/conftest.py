@@ -62,7 +62,8 @@ def tiny_repo(tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def noisy_checkpoint(tmp_path_factory) -> Path:
-    """An untrained model: it rarely emits <eos>, so its generations run to max_new_tokens (long streams)."""
+    """An untrained post-norm model: it rarely emits <eos>, so its generations run to max_new_tokens (long
+    streams); exporting it also runs the export's parity checks on the paper's post-norm layout."""
     import torch
 
     from model_src.checkpoint import save_model
@@ -72,7 +73,8 @@ def noisy_checkpoint(tmp_path_factory) -> Path:
 
     tok = CharTokenizer.from_texts(reverse_task(0, n_train=200, n_eval=20).texts())
     torch.manual_seed(1)
-    model = Seq2SeqTransformer(ModelConfig(src_vocab_size=tok.vocab_size, tgt_vocab_size=tok.vocab_size, **TINY))
+    model = Seq2SeqTransformer(ModelConfig(src_vocab_size=tok.vocab_size, tgt_vocab_size=tok.vocab_size,
+                                           pre_norm=False, **TINY))
     out = tmp_path_factory.mktemp("noisy") / "ckpt"
     save_model(out, model.eval(), tok, {"task": "reverse", "training": {"seed": 0}})
     return out

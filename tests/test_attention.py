@@ -101,3 +101,27 @@ def test_positions_are_the_papers_table():
     pe = model.positions
     assert pe[3, 0].item() == pytest.approx(math.sin(3.0))
     assert pe[3, 1].item() == pytest.approx(math.cos(3.0))
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_kv_cache_step_equals_full_decode_in_both_norm_placements(pre_norm):
+    from model_src.decoding import generate, greedy_no_cache
+
+    torch.manual_seed(3)
+    cfg = ModelConfig(**{**CFG.to_dict(), "pre_norm": pre_norm})
+    model = Seq2SeqTransformer(cfg).eval()
+    assert isinstance(model.encoder_norm, torch.nn.LayerNorm) == pre_norm
+    srcs = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
+    cached = generate(model, srcs, max_new_tokens=10)
+    assert cached == [greedy_no_cache(model, s, max_new_tokens=10) for s in srcs]
+    src = torch.tensor([srcs[0]])
+    m = torch.ones_like(src, dtype=torch.bool)
+    enc = model.encode(src, m)
+    tgt = torch.tensor([[1, 7, 9, 4]])
+    full, _, _ = model.decode(tgt, torch.ones_like(tgt, dtype=torch.bool), enc, m)
+    pk, pv = model.empty_cache(1)
+    for t in range(4):
+        o = model.decode_step(tgt[:, t], torch.tensor([t]), torch.ones(1, t + 1, dtype=torch.bool), pk, pv,
+                              enc.cross_k, enc.cross_v, m)
+        pk, pv = o.present_k, o.present_v
+        torch.testing.assert_close(o.logits, full[:, t], atol=1e-5, rtol=1e-5)
