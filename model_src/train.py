@@ -210,6 +210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(m, name))
     p.add_argument("--dropout", type=float, default=m.dropout)
     p.add_argument("--post-norm", action="store_true", help="the paper's post-norm layers instead of pre-norm")
+    p.add_argument("--share-embeddings", action="store_true",
+                   help="one embedding table for source and target (they share the tokenizer)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -229,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg = {k: getattr(args, k) for k in ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers",
                                                   "d_ff", "dropout")}
         model_cfg["pre_norm"] = not args.post_norm
+        model_cfg["share_embeddings"] = args.share_embeddings
         ModelConfig(src_vocab_size=8, tgt_vocab_size=8, **model_cfg)  # refuse a bad config before any work
         kind = args.tokenizer or ("bpe" if args.data else "char")
         result = train(task, args.out, model_cfg, cfg, kind, resume=args.resume, progress=not args.quiet,

@@ -112,3 +112,14 @@ def test_user_corpus_trains_with_bpe_and_evaluates_from_its_checkpoint(tmp_path)
     ev = _attnserve("evaluate", str(out))  # finds the corpus again from config.json
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert "held-out pairs): exact match" in ev.stdout
+
+
+def test_shared_embeddings_survive_the_checkpoint(tmp_path):
+    task = _string_task("copy", lambda s: s, seed=0, n_train=200, n_eval=8, max_len=6)
+    cfg = TrainConfig(steps=4, batch_size=8, warmup=2, eval_every=2, eval_examples=4, max_new_tokens=8)
+    train(task, tmp_path / "s", {**TINY, "share_embeddings": True}, cfg, progress=False)
+    model, _tok, _ = load_model(tmp_path / "s")
+    assert model.tgt_embed is model.src_embed
+    from safetensors.torch import load_file
+
+    assert "tgt_embed.weight" not in load_file(str(tmp_path / "s" / "model.safetensors"))
