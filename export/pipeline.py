@@ -20,7 +20,17 @@ from model_src.tasks import task_of_checkpoint
 from . import repository
 from .blocks import expected_blocks, find_blocks, tag_blocks
 from .graphs import GRAPHS, export_graph
-from .validate import Tolerances, ValidationError, check_graphs, enforce, exact_match, greedy_agreement, parity, session
+from .validate import (
+    Tolerances,
+    ValidationError,
+    check_graphs,
+    enforce,
+    exact_match,
+    greedy_agreement,
+    ort_agreement,
+    parity,
+    session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +168,7 @@ def _quantize(paths, sessions, mcfg, held, cfg: ExportConfig) -> dict:
         tmp.replace(path)
     q_sessions = {name: session(path) for name, path in paths.items()}
     int8 = exact_match(q_sessions, mcfg, pairs, cfg.max_new_tokens) if pairs else None
-    agree = greedy_agreement_np(sessions, q_sessions, mcfg, [s for s, _ in held], cfg.max_new_tokens)
+    agree = ort_agreement(sessions, q_sessions, mcfg, [s for s, _ in held], cfg.max_new_tokens)
     result = {"exact_match_fp32": fp32, "exact_match_int8": int8, "max_drop": cfg.max_int8_drop,
               "outputs_identical_to_fp32": agree, "inputs": len(held)}
     if fp32 is not None and fp32 - int8 > cfg.max_int8_drop:
@@ -168,10 +178,3 @@ def _quantize(paths, sessions, mcfg, held, cfg: ExportConfig) -> dict:
         raise ValidationError(f"int8 outputs match fp32 on only {agree:.2%} of inputs; not published")
     return result
 
-
-def greedy_agreement_np(a, b, mcfg, sources, max_new_tokens) -> float:
-    from .validate import ort_greedy
-
-    x = ort_greedy(a, mcfg, sources, max_new_tokens)
-    y = ort_greedy(b, mcfg, sources, max_new_tokens)
-    return sum(p == q for p, q in zip(x, y, strict=True)) / len(sources)

@@ -156,6 +156,12 @@ def greedy_agreement(model: Seq2SeqTransformer, sessions, sources: list[list[int
     return {"inputs": len(sources), "identical": len(sources) - len(mismatches), "mismatched_inputs": mismatches[:10]}
 
 
+def ort_agreement(a: dict, b: dict, cfg: dict, sources: list[list[int]], max_new_tokens: int) -> float:
+    """Share of inputs on which two sets of ORT sessions (e.g. fp32 and int8) decode the same tokens."""
+    x, y = ort_greedy(a, cfg, sources, max_new_tokens), ort_greedy(b, cfg, sources, max_new_tokens)
+    return sum(p == q for p, q in zip(x, y, strict=True)) / len(sources)
+
+
 def exact_match(sessions, cfg: dict, pairs: list[tuple[list[int], list[int]]], max_new_tokens: int) -> float:
     hits = 0
     for i in range(0, len(pairs), 64):

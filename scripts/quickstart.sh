@@ -4,12 +4,7 @@
 # over gRPC, and asked for one streamed prediction with its attention (terminal + out/attention.png).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3.11}
-VENV=${VENV:-.venv}
-
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[train,export,cpu,plot]'
+source scripts/venv.sh train,export,cpu,plot
 A="$VENV/bin/attnserve"
 
 if [ ! -f checkpoints/dates/model.safetensors ]; then

@@ -8,8 +8,6 @@ import numpy as np
 
 from .errors import InvalidRequest, LimitExceeded
 
-KINDS = ("encoder_self", "decoder_self", "cross")
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -24,7 +22,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    kinds: frozenset[str]  # subset of KINDS
+    kinds: frozenset[str]  # subset of {encoder_self, decoder_self, cross}
     layers: tuple[int, ...] = ()  # empty: all
     heads: tuple[int, ...] = ()  # empty: all
     mean: bool = False
