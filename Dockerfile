@@ -12,6 +12,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY attnserve ./attnserve
 COPY model_src ./model_src
+COPY model_repository ./model_repository
 COPY export ./export
 COPY serving ./serving
 COPY protos ./protos

@@ -56,7 +56,7 @@ def _serve(argv: list[str]) -> int:
 
 def _client(name: str):
     def run(argv: list[str]) -> int:
-        from serving import client_cli
+        from serving.client import cli as client_cli
 
         return getattr(client_cli, f"{name}_main")(argv)
 

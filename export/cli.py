@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .repository import MANIFEST, RepositoryError, read_manifest
+from model_repository import RepositoryError, read_manifest
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -73,14 +73,15 @@ def inspect_main(argv: list[str] | None = None) -> int:
                                 description="List the attention blocks found in an exported version's graphs.")
     p.add_argument("version_dir", type=Path, help="models/NAME/VERSION")
     args = p.parse_args(argv)
-    if not (args.version_dir / MANIFEST).is_file():
-        print(f"attnserve inspect: error: {args.version_dir} has no {MANIFEST}", file=sys.stderr)
+    try:
+        manifest = read_manifest(args.version_dir)
+    except RepositoryError as e:
+        print(f"attnserve inspect: error: {e}", file=sys.stderr)
         return 2
     import onnx
 
     from .blocks import expected_blocks, find_blocks
 
-    manifest = read_manifest(args.version_dir)
     cfg = manifest["model_config"]
     found, problems = [], []
     for name, meta in manifest["graphs"].items():

@@ -14,10 +14,19 @@ from pathlib import Path
 
 import onnx
 
+from model_repository import (
+    discard,
+    list_versions,
+    prepare,
+    publish,
+    read_manifest,
+    sha256_file,
+    version_dir,
+    write_manifest,
+)
 from model_src.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_model
 from model_src.tasks import task_of_checkpoint
 
-from . import repository
 from .blocks import expected_blocks, find_blocks, tag_blocks
 from .graphs import GRAPHS, export_graph
 from .validate import (
@@ -63,19 +72,19 @@ def _versions() -> dict:
 def _checkpoint_hash(ckpt: Path) -> str:
     h = hashlib.sha256()
     for name in (WEIGHTS, CONFIG, TOKENIZER):
-        h.update(repository.sha256_file(ckpt / name).encode())
+        h.update(sha256_file(ckpt / name).encode())
     return h.hexdigest()
 
 
 def up_to_date(repo: Path, name: str, checkpoint: Path, quantize: str | None) -> Path | None:
     """The latest version of `name` if it was exported from this very checkpoint with the same precision."""
-    existing = repository.versions(repo, name)
+    existing = list_versions(repo, name)
     if not existing:
         return None
-    latest = Path(repo) / name / str(existing[-1])
-    manifest = repository.read_manifest(latest)
+    latest = version_dir(repo, name, existing[-1])
+    manifest = read_manifest(latest)
     try:
-        same = manifest.get("source_checkpoint", {}).get("sha256") == _checkpoint_hash(checkpoint)
+        same = (manifest.get("source_checkpoint") or {}).get("sha256") == _checkpoint_hash(checkpoint)
     except OSError:  # an incomplete checkpoint: let the export itself report it
         return None
     return latest if same and manifest.get("precision") == (quantize or "fp32") else None
@@ -103,7 +112,7 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
     progress(f"[1/6] loading checkpoint {cfg.checkpoint}")
     model, tok, ckpt_config = load_model(cfg.checkpoint)
     mcfg = model.config.to_dict()
-    version, staging = repository.prepare(cfg.repo, cfg.name, cfg.version)
+    version, staging = prepare(cfg.repo, cfg.name, cfg.version)
     try:
         paths = {name: staging / f"{name}.onnx" for name in GRAPHS}
         graphs_meta, blocks = {}, []
@@ -141,7 +150,7 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
         else:
             progress("[6/6] no quantization requested")
         shutil.copy(cfg.checkpoint / ckpt_config.get("tokenizer", TOKENIZER), staging / TOKENIZER)
-        repository.write_manifest(staging, {
+        write_manifest(staging, {
             "name": cfg.name, "version": version, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "model_config": mcfg, "tokenizer": TOKENIZER,
             "special_ids": {"pad": mcfg["pad_id"], "bos": mcfg["bos_id"], "eos": mcfg["eos_id"], "unk": 3},
@@ -149,9 +158,9 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
             "attention_blocks": blocks, "library_versions": _versions(),
             "source_checkpoint": {"path": str(cfg.checkpoint), "sha256": _checkpoint_hash(cfg.checkpoint)},
             "validation": report, "export_seconds": round(time.monotonic() - t0, 1)})
-        final = repository.publish(staging, cfg.repo, cfg.name, version)
+        final = publish(staging, cfg.repo, cfg.name, version)
     except BaseException:
-        repository.discard(staging)
+        discard(staging)
         raise
     progress(f"published {final} ({precision}, {time.monotonic() - t0:.0f} s)")
     return final

@@ -30,7 +30,7 @@ PY
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 60); do
-  "$VENV/bin/python" -m serving.healthcheck "$ADDRESS" >/dev/null 2>&1 && break
+  "$VENV/bin/python" -m serving.client.healthcheck "$ADDRESS" >/dev/null 2>&1 && break
   kill -0 $SERVER 2>/dev/null || { cat out/server.log; exit 1; }
   sleep 0.5
 done

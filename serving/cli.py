@@ -9,9 +9,12 @@ import os
 import sys
 from pathlib import Path
 
-from .requests import Limits
-from .runner import RunnerConfig
-from .server import ServerConfig, serve
+from .api.domain import Limits
+from .engine.runner import RunnerConfig
+from .frontends.server import ServerConfig, serve
+
+LIMIT_FLAGS = ("max_source_tokens", "max_new_tokens", "default_new_tokens", "max_concurrent_streams",
+               "max_concurrent_requests", "max_queue_per_model", "max_message_bytes")
 
 
 def _env(name: str, default):
@@ -40,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-seconds", type=float, default=_env("GRACE_SECONDS", d.grace_seconds))
     p.add_argument("--drain-seconds", type=float, default=_env("DRAIN_SECONDS", d.drain_seconds))
     p.add_argument("--max-batch", type=int, default=_env("MAX_BATCH", d.max_batch))
-    for name in ("max_source_tokens", "max_new_tokens", "default_new_tokens", "max_concurrent_streams",
-                 "max_message_bytes"):
+    p.add_argument("--restart-seconds", type=float, default=_env("RESTART_SECONDS", d.restart_seconds),
+                   help="delay before a failed model engine is restarted (doubles per recent failure, max 30 s)")
+    for name in LIMIT_FLAGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=_env(name.upper(), getattr(lim, name)))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return p
@@ -49,20 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     models = args.model or [m for m in os.environ.get("ATTNSERVE_MODEL", "").split(",") if m]
-    limits = Limits(**{k: getattr(args, k) for k in ("max_source_tokens", "max_new_tokens", "default_new_tokens",
-                                                      "max_concurrent_streams", "max_message_bytes")})
+    limits = Limits(**{k: getattr(args, k) for k in LIMIT_FLAGS})
     runner = RunnerConfig(providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
                           require_gpu=args.require_gpu, intra_op_threads=args.threads)
     return ServerConfig(repo=args.repo, address=args.address, models=tuple(models), runner=runner, limits=limits,
                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                         poll_seconds=args.poll_seconds, grace_seconds=args.grace_seconds,
-                        drain_seconds=args.drain_seconds, max_batch=args.max_batch)
+                        drain_seconds=args.drain_seconds, max_batch=args.max_batch,
+                        restart_seconds=args.restart_seconds)
 
 
 def serve_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .errors import ServingError
+    from .api.errors import ServingError
 
     try:
         return asyncio.run(serve(config_from_args(args)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -24,7 +26,22 @@ class Metrics:
         self.models = Gauge("attnserve_models_loaded", "Model versions being served", registry=r)
         self.model_info = Gauge("attnserve_model_info", "1 per served model version and execution provider",
                                 ["model", "version", "provider"], registry=r)
+        self.model_ready = Gauge("attnserve_model_ready", "1 while the model's engine runs, 0 while it restarts",
+                                 ["model"], registry=r)
+        self.engine_restarts = Gauge("attnserve_engine_restarts", "Engine restarts after a failure, per model",
+                                     ["model"], registry=r)
         self._server = None
+
+    def models_changed(self, models: Mapping) -> None:
+        """Refresh the per-model gauges from the registry's ServedModel map."""
+        self.models.set(len(models))
+        self.model_info.clear()
+        self.model_ready.clear()
+        for name, served in models.items():
+            for provider in served.runner.providers:
+                self.model_info.labels(name, str(served.runner.version), provider).set(1)
+            self.model_ready.labels(name).set(1 if served.healthy else 0)
+            self.engine_restarts.labels(name).set(served.restarts)
 
     def start(self, port: int, address: str = "0.0.0.0") -> int:
         """Serve /metrics on `port` (0 picks a free one); returns the port."""

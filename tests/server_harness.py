@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from serving.requests import Limits
-from serving.server import App, ServerConfig, create_server
+from serving.api.domain import Limits
+from serving.frontends.server import App, ServerConfig, create_server
 
 
 class ServerThread:

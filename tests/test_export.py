@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from export.pipeline import ExportConfig, export_checkpoint
-from export.repository import RepositoryError, prepare, versions
 from export.validate import Tolerances, ValidationError, session
+from model_repository import RepositoryError, list_versions, prepare
 from model_src.checkpoint import load_model
 from model_src.decoding import pad_batch
 
@@ -114,7 +114,7 @@ def test_corrupt_checkpoint_is_refused_and_repo_untouched(tiny_checkpoint, tmp_p
 
 
 def test_versions_increment_and_are_immutable(tiny_repo, tmp_path):
-    assert versions(tiny_repo, "tiny") == [1]
+    assert list_versions(tiny_repo, "tiny") == [1]
     version, staging = prepare(tiny_repo, "tiny", None)
     assert version == 2
     staging.rmdir()

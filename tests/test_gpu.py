@@ -3,8 +3,8 @@
 import pytest
 
 from serving.client import AttnServeClient
-from serving.runner import RunnerConfig
-from serving.server import ServerConfig
+from serving.engine.runner import RunnerConfig
+from serving.frontends.server import ServerConfig
 
 from .server_harness import ServerThread
 

@@ -30,7 +30,6 @@ def test_health_flips_on_load_and_on_shutdown(tiny_repo, tmp_path):
         shutil.copytree(tiny_repo / "tiny", repo / "tiny")
         with AttnServeClient(s.address) as c:
             assert [m.name for m in c.reload().models] == ["tiny"]
-            s.call(s.app.set_serving(True))  # what the repository watcher does after a load
             assert status() == health_pb2.HealthCheckResponse.SERVING
             stream = c.generate("hello", max_new_tokens=30)
             first = next(stream)
@@ -73,7 +72,7 @@ def test_new_version_is_picked_up_while_a_stream_runs(tiny_repo, tmp_path):
 
 
 def test_a_broken_new_version_leaves_the_old_one_serving(tiny_repo, tmp_path):
-    from serving.runner import ModelLoadError, ModelRunner, RunnerConfig
+    from serving.engine.runner import ModelLoadError, ModelRunner, RunnerConfig
 
     repo = tmp_path / "models"
     shutil.copytree(tiny_repo / "tiny", repo / "tiny")

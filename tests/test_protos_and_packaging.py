@@ -32,9 +32,9 @@ def test_serving_runs_where_torch_cannot_be_imported(serving_repo):
                 return None
 
         sys.meta_path.insert(0, NoTorch())
-        from serving.server import ServerConfig, create_server
+        from serving.frontends.server import ServerConfig, create_server
         from serving.client import AttnServeClient
-        import serving.cli, serving.client_cli, serving.plot
+        import serving.cli, serving.client.cli, serving.client.plot
 
         async def main():
             app = await create_server(ServerConfig(repo={str(serving_repo)!r}, address="127.0.0.1:0",

@@ -10,9 +10,9 @@ import torch
 from model_src.checkpoint import load_model
 from model_src.decoding import generate as torch_generate
 from protos import attnserve_v1_pb2 as pb
+from serving.api.domain import Limits
 from serving.client import AttnServeClient
-from serving.requests import Limits
-from serving.server import ServerConfig
+from serving.frontends.server import ServerConfig
 
 from .server_harness import ServerThread, start
 
@@ -206,31 +206,31 @@ def test_bad_requests_get_precise_status_and_the_server_keeps_serving(client, kw
 
 
 def test_cancel_mid_stream_frees_the_sequence(server, client):
-    sched = server.app.registry.get("noisy").scheduler
+    engine = server.app.registry.get("noisy").engine
     call = client.generate("abcdefgh", model="noisy", max_new_tokens=250, attention="all")
     first = next(call)
     assert first.HasField("token")
     call.cancel()
     deadline = time.monotonic() + 5
-    while sched.load and time.monotonic() < deadline:
+    while engine.load and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert sched.load == 0
+    assert engine.load == 0
     with pytest.raises(grpc.RpcError) as e:
         list(call)
     assert e.value.code() == grpc.StatusCode.CANCELLED
 
 
 def test_deadline_mid_stream_frees_the_sequence(server, client):
-    sched = server.app.registry.get("noisy").scheduler
-    steps = sched.steps
+    engine = server.app.registry.get("noisy").engine
+    steps = engine.steps
     with pytest.raises(grpc.RpcError) as e:
         list(client.generate("abcdefgh", model="noisy", max_new_tokens=250, attention="all", timeout=0.05))
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     deadline = time.monotonic() + 5
-    while sched.load and time.monotonic() < deadline:
+    while engine.load and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert sched.load == 0
-    assert sched.steps - steps < 250  # stopped early, not run to the end
+    assert engine.load == 0
+    assert engine.steps - steps < 250  # stopped early, not run to the end
     assert client.predict("abc", model="tiny").text
 
 
@@ -295,8 +295,8 @@ def test_concurrent_streams_batched_together_give_the_same_tokens(server, tiny_c
     texts = ["a", "hello", "qwertyui", "zz", "mnop", "abcdefgh", "xyz", "trained", "b", "klmno"]
     model, tok, _ = load_model(tiny_checkpoint)
     alone = torch_generate(model, [tok.encode(t) for t in texts], max_new_tokens=20)
-    sched = server.app.registry.get("tiny").scheduler
-    steps_before = sched.steps
+    engine = server.app.registry.get("tiny").engine
+    steps_before = engine.steps
 
     def run(i):
         time.sleep(0.002 * (i % 4))  # stagger arrivals so sequences join a batch already under way
@@ -307,11 +307,11 @@ def test_concurrent_streams_batched_together_give_the_same_tokens(server, tiny_c
         together = list(pool.map(run, range(len(texts))))
     assert together == alone
     # fewer decoder steps than the sum of every sequence's own steps: they were batched
-    assert sched.steps - steps_before < sum(len(a) + 1 for a in alone)
+    assert engine.steps - steps_before < sum(len(a) + 1 for a in alone)
 
 
 def test_generate_command_streams_and_plots_a_heatmap(server, tmp_path, capsys):
-    from serving.client_cli import generate_main, models_main, predict_main
+    from serving.client.cli import generate_main, models_main, predict_main
 
     png = tmp_path / "attn.png"
     assert generate_main(["hello", "--server", server.address, "--model", "tiny", "--attention", "cross",

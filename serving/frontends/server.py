@@ -1,4 +1,9 @@
-"""The gRPC server: `create_server()` builds and starts it (tests bind port 0), `serve()` runs it until SIGTERM."""
+"""The gRPC server: `create_server()` builds and starts it (tests bind port 0), `serve()` runs it until SIGTERM.
+
+Health follows the registry, whoever changed it (the poller, ReloadModels, an engine dying or coming back):
+`""` and `attnserve.v1.AttnServe` are SERVING while every loaded model is healthy and at least one is loaded;
+`model/NAME` tells about one model.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +21,19 @@ from grpc_reflection.v1alpha import reflection
 from protos import attnserve_v1_pb2 as pb
 from protos import attnserve_v1_pb2_grpc as pb_grpc
 
-from .metrics import Metrics
-from .registry import ModelRegistry
-from .requests import Limits
-from .runner import RunnerConfig, check_runtime_install, resolve_providers
-from .servicer import AttnServeServicer
+from ..api.domain import Limits
+from ..api.service import InferenceAPI
+from ..engine.engine import EngineConfig
+from ..engine.registry import ModelRegistry, RegistryConfig
+from ..engine.runner import RunnerConfig, check_runtime_install, resolve_providers
+from ..metrics import Metrics
+from .attnserve_v1 import AttnServeServicer
+from .status import StatusInterceptor
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["AttnServe"].full_name  # attnserve.v1.AttnServe
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+MODEL_HEALTH_PREFIX = "model/"  # per-model health names: model/dates ('/' never occurs in a model name)
 
 
 @dataclass(frozen=True)
@@ -39,44 +49,59 @@ class ServerConfig:
     grace_seconds: float = 10.0  # how long streams in flight may run on after SIGTERM
     drain_seconds: float = 1.0  # after SIGTERM, health says NOT_SERVING this long before the listener closes
     max_batch: int = 32
-    worker_threads: int = 2  # ONNX Runtime calls run here, never on the event loop
+    worker_threads: int = 2  # model loading and long tokenizations run here, never on the event loop
+    restart_seconds: float = 1.0  # delay before a dead engine is restarted (doubles per recent death, max 30 s)
 
 
 class App:
-    """Everything a running server owns; the servicers reach it as `self.app`."""
+    """Everything a running server owns."""
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.limits = cfg.limits
         self.metrics = Metrics()
-        self.executor = ThreadPoolExecutor(cfg.worker_threads, thread_name_prefix="ort")
+        self.executor = ThreadPoolExecutor(cfg.worker_threads, thread_name_prefix="worker")
         self.health = health.aio.HealthServicer()
-        self.registry = ModelRegistry(cfg.repo, cfg.runner, self.executor, cfg.models, cfg.max_batch,
-                                      on_change=self._models_changed)
+        self.registry = ModelRegistry(RegistryConfig(cfg.repo, cfg.models, cfg.restart_seconds), cfg.runner,
+                                      EngineConfig(cfg.max_batch, cfg.limits.max_queue_per_model), self.executor)
+        self.api = InferenceAPI(self.registry, cfg.limits, self.executor, self.metrics)
+        self.registry.add_listener(self._models_changed)
         self.shutting_down = False
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port: int | None = None
         self._watcher: asyncio.Task | None = None
+        self._health_names: set[str] = set()
+        self._health_tasks: set[asyncio.Task] = set()
 
     def _models_changed(self) -> None:
-        self.metrics.models.set(len(self.registry.models))
-        self.metrics.model_info.clear()
-        for name, loaded in self.registry.models.items():
-            for provider in loaded.runner.providers:
-                self.metrics.model_info.labels(name, str(loaded.runner.version), provider).set(1)
+        self.metrics.models_changed(self.registry.models)
+        task = asyncio.get_running_loop().create_task(self.sync_health())
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
 
-    async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    async def sync_health(self) -> None:
+        """Every health name from the registry's state now."""
+        models = self.registry.models
+        up = health_pb2.HealthCheckResponse.SERVING
+        down = health_pb2.HealthCheckResponse.NOT_SERVING
+        serving = not self.shutting_down and bool(models) and all(s.healthy for s in models.values())
         for service in ("", SERVICE):
-            await self.health.set(service, status)
+            await self.health.set(service, up if serving else down)
+        names = {MODEL_HEALTH_PREFIX + n for n in models}
+        for name, served in models.items():
+            ok = served.healthy and not self.shutting_down
+            await self.health.set(MODEL_HEALTH_PREFIX + name, up if ok else down)
+        for gone in self._health_names - names:
+            await self.health.set(gone, down)
+        self._health_names |= names
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls (UNAVAILABLE), let streams in flight finish within `grace`."""
         if self.shutting_down:
             return
         self.shutting_down = True
-        await self.set_serving(False)
+        await self.sync_health()
         if self._watcher:
             self._watcher.cancel()
         # Health checks still answer (NOT_SERVING) and new calls get UNAVAILABLE while balancers take us out.
@@ -97,23 +122,22 @@ async def create_server(cfg: ServerConfig) -> App:
     options = [("grpc.max_send_message_length", limits.max_message_bytes),
                ("grpc.max_receive_message_length", limits.max_message_bytes),
                ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(options=options)
-    pb_grpc.add_AttnServeServicer_to_server(AttnServeServicer(app), server)
+    interceptor = StatusInterceptor((SERVICE,), app.metrics, lambda: app.shutting_down)
+    server = grpc.aio.server(options=options, interceptors=[interceptor])
+    pb_grpc.add_AttnServeServicer_to_server(AttnServeServicer(app.api), server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
-    reflection.enable_server_reflection(
-        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     app.port = server.add_insecure_port(cfg.address)
     if app.port == 0:
         raise OSError(f"cannot bind {cfg.address}")
     app.server = server
-    await app.set_serving(False)  # NOT_SERVING until a model is loaded
+    await app.sync_health()  # NOT_SERVING until a model is loaded
     await server.start()
     if cfg.metrics_port is not None:
         app.metrics_port = app.metrics.start(cfg.metrics_port, cfg.metrics_address)
     await app.registry.refresh()
-    if app.registry.models:
-        await app.set_serving(True)
-    else:
+    await app.sync_health()
+    if not app.registry.models:
         log.warning("no model found in %s yet; health stays NOT_SERVING until one appears", cfg.repo)
     if cfg.poll_seconds > 0:
         app._watcher = asyncio.get_running_loop().create_task(_watch(app))
@@ -125,8 +149,6 @@ async def _watch(app: App) -> None:
         await asyncio.sleep(app.cfg.poll_seconds)
         try:
             await app.registry.refresh()
-            if app.registry.models and not app.shutting_down:
-                await app.set_serving(True)
         except Exception:  # a half-written repository must not stop the watcher
             log.exception("model repository scan failed")
 

@@ -1,10 +1,15 @@
-"""Choosing the next token from logits in numpy: greedy, or temperature / top-k / top-p sampling with a seed."""
+"""Choosing the next token from logits in numpy: greedy, or temperature / top-k / top-p sampling with a seed.
+
+Everything is computed in float64 and checked: logits that are NaN or infinite, or a distribution that comes
+out empty, raise ModelFailure for that one request instead of sampling garbage.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .requests import DecodeParams
+from ..api.domain import DecodeParams
+from ..api.errors import ModelFailure
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -13,9 +18,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def check_finite(logits: np.ndarray, step: int) -> None:
+    if not np.isfinite(logits).all():
+        bad = "NaN" if np.isnan(logits).any() else "infinite"
+        raise ModelFailure(f"the model produced {bad} logits for this request at output step {step}; it was "
+                           "stopped there (other requests are unaffected). The model or this input is broken.")
+
+
 def filtered_probs(logits: np.ndarray, p: DecodeParams) -> np.ndarray:
     """The distribution to sample from (V,): temperature, then top-k, then the smallest top-p nucleus."""
-    logp = log_softmax(logits / p.temperature)
+    logp = log_softmax(logits.astype(np.float64) / p.temperature)
     if p.top_k and p.top_k < logp.size:
         kth = np.partition(logp, -p.top_k)[-p.top_k]
         logp = np.where(logp < kth, -np.inf, logp)
@@ -26,7 +38,11 @@ def filtered_probs(logits: np.ndarray, p: DecodeParams) -> np.ndarray:
         drop = order[before >= p.top_p]  # keep the token that crosses top_p
         logp[drop] = -np.inf
     probs = np.exp(logp - logp.max())
-    return probs / probs.sum()
+    total = probs.sum()
+    if not np.isfinite(total) or total <= 0:
+        raise ModelFailure(f"no token is left to sample from (temperature {p.temperature:g}, top_k {p.top_k}, "
+                           f"top_p {p.top_p:g})")
+    return probs / total
 
 
 def choose(logits: np.ndarray, p: DecodeParams, rng: np.random.Generator | None) -> tuple[int, float]:

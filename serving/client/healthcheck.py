@@ -1,4 +1,4 @@
-"""`python -m serving.healthcheck [ADDRESS] [SERVICE]`: exit 0 if the gRPC health service says SERVING.
+"""`python -m serving.client.healthcheck [ADDRESS] [SERVICE]`: exit 0 if the gRPC health service says SERVING.
 
 The compose healthcheck and the quickstart use it (grpc_health_probe is not shipped in the slim image).
 """

@@ -1,0 +1,32 @@
+"""The model repository on disk (`REPO/NAME/VERSION/`), shared by export and serving; standard library only."""
+
+from .layout import (
+    FORMAT_VERSION,
+    MANIFEST,
+    RepositoryError,
+    VersionError,
+    list_models,
+    list_versions,
+    parse_version,
+    sha256_file,
+    version_dir,
+)
+from .manifest import (
+    BLOCK_KINDS,
+    GRAPH_NAMES,
+    AttentionBlock,
+    GraphSpec,
+    Manifest,
+    ModelShape,
+    TensorSpec,
+    open_version,
+    read_manifest,
+)
+from .publish import discard, prepare, publish, write_manifest
+
+__all__ = [
+    "BLOCK_KINDS", "FORMAT_VERSION", "GRAPH_NAMES", "MANIFEST", "AttentionBlock", "GraphSpec", "Manifest",
+    "ModelShape", "RepositoryError", "TensorSpec", "VersionError", "discard", "list_models", "list_versions",
+    "open_version", "parse_version", "prepare", "publish", "read_manifest", "sha256_file", "version_dir",
+    "write_manifest",
+]

@@ -1,0 +1,1 @@
+"""The engine API: protocol-free requests in, events and results out; tokenizing, validation, limits, admission."""

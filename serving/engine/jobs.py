@@ -1,0 +1,266 @@
+"""Requests inside an engine: what each asks of the encoder, which decoder rows it holds, what it makes of a step.
+
+A job never runs a session itself; the engine runs one encoder pass for many jobs and one decoder step for many
+rows, then hands each job its slice. `SequenceJob` is one greedy or sampled sequence (one row), `BeamJob` a beam
+search (a group of rows, reordered every step), `EncodeJob` an encoder pass only. Each job turns its slice into
+events (tokens, the finish, encoder outputs) for its own queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model_repository import ModelShape
+
+from ..api.domain import (
+    AttentionSlice,
+    AttentionSpec,
+    DecodeParams,
+    EncoderEvent,
+    FinishEvent,
+    TokenEvent,
+)
+from .feeds import Row
+from .sampling import check_finite, choose, log_softmax
+from .tokenizer import ServingTokenizer
+
+
+def select(probs: np.ndarray, kind: str, spec: AttentionSpec, n_layers: int) -> list[AttentionSlice]:
+    """Slice (L, nh, Tq, Tk) probabilities by the request's layers and heads, averaging heads if asked."""
+    layers = spec.layers or tuple(range(n_layers))
+    heads = spec.heads or tuple(range(probs.shape[1]))
+    out = []
+    for layer in layers:
+        if layer >= n_layers:
+            continue  # a layer index valid for the other stack only
+        w = probs[layer][list(heads)]  # (h, Tq, Tk)
+        if spec.mean:
+            w = w.mean(axis=0, keepdims=True)  # (1, Tq, Tk)
+        out.append(AttentionSlice(kind, layer, heads, spec.mean, np.ascontiguousarray(w, dtype=np.float32)))
+    return out
+
+
+@dataclass
+class StepOutput:
+    """One decoder run as its jobs see it: outputs for the whole batch and the padded past length P."""
+
+    out: dict[str, np.ndarray]  # logits (B, V), present_k/v (L, B, nh, P+1, hs), attention (L, B, nh, 1, T_k)
+    P: int
+    now: float
+
+
+@dataclass(eq=False)
+class Job:
+    source: list[int]
+    shape: ModelShape
+    tokenizer: ServingTokenizer
+    attention: AttentionSpec | None = None
+    deadline: float | None = None  # time.monotonic()
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    created: float = field(default_factory=time.monotonic)
+    started: float = 0.0  # its encoder pass ran
+    rows: list[Row] = field(default_factory=list)  # decoder rows it holds now
+    cancelled: bool = False  # set from the event loop, read by the engine at its next iteration
+    done: bool = False
+
+    @property
+    def width(self) -> int:
+        """Decoder rows it will hold at most: what it takes of the engine's batch."""
+        return 1
+
+    @property
+    def encoder_attention(self) -> bool:
+        return self.attention is not None and self.attention.wants_encoder
+
+    @property
+    def decoder_attention(self) -> bool:
+        return self.attention is not None and self.attention.wants_decoder
+
+    def encoded(self, enc: dict[str, np.ndarray], i: int, now: float) -> list:
+        """Take row i of an encoder pass; returns the events it gives (encoder attention, when asked)."""
+        self.started = now
+        S = len(self.source)
+        self.rows = [Row.start(enc["cross_k"][:, i:i + 1, :, :S], enc["cross_v"][:, i:i + 1, :, :S],
+                               self.shape.bos_id)]
+        if not self.encoder_attention:
+            return []
+        attn = enc["enc_self_attn"][:, i, :, :S, :S]  # (L, nh, S, S)
+        return [EncoderEvent(select(attn, "encoder_self", self.attention, self.shape.n_encoder_layers))]
+
+    def stepped(self, step: StepOutput, first: int) -> list:
+        """Take rows first..first+len(self.rows) of a decoder step; returns the events it gives."""
+        raise NotImplementedError
+
+    def _advance_row(self, row: Row, step: StepOutput, i: int, token: int) -> None:
+        """Row i of the step becomes `row`'s new cache, feeding `token` next."""
+        offset = step.P - row.past
+        row.past_k = step.out["present_k"][:, i:i + 1, :, offset:]  # (L, 1, nh, past+1, hs)
+        row.past_v = step.out["present_v"][:, i:i + 1, :, offset:]
+        row.next_token = token
+
+    def _step_attention(self, step: StepOutput, i: int, row: Row) -> list[AttentionSlice]:
+        spec, n = self.attention, self.shape.n_decoder_layers
+        slices = []
+        if "cross" in spec.kinds:
+            slices += select(step.out["cross_attn"][:, i, :, :, : row.src_len], "cross", spec, n)
+        if "decoder_self" in spec.kinds:
+            slices += select(step.out["dec_self_attn"][:, i, :, :, step.P - row.past:], "decoder_self", spec, n)
+        return slices
+
+    def _finish(self, reason: str, generated: int, text: str, now: float, first_token: float,
+                score: float | None = None) -> FinishEvent:
+        self.done = True
+        return FinishEvent(reason, len(self.source), generated, text, queue_ms=(self.started - self.created) * 1e3,
+                           time_to_first_token_ms=(first_token - self.created) * 1e3,
+                           total_ms=(now - self.created) * 1e3, score=score)
+
+
+@dataclass(eq=False)
+class SequenceJob(Job):
+    """One greedy or sampled sequence; its events stream token by token."""
+
+    params: DecodeParams = field(default=None)
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    first_token: float = 0.0
+    rng: np.random.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not self.params.greedy:
+            self.rng = np.random.default_rng(self.params.seed)
+
+    def stepped(self, step: StepOutput, first: int) -> list:
+        row, p = self.rows[0], self.params
+        logits = step.out["logits"][first]  # (V,)
+        check_finite(logits, len(self.tokens))
+        token, logprob = choose(logits, p, self.rng)
+        self.first_token = self.first_token or step.now
+        if token == self.shape.eos_id:
+            return [self._finish("eos", len(self.tokens), self.text, step.now, self.first_token)]
+        attention = self._step_attention(step, first, row) if self.decoder_attention else []
+        self._advance_row(row, step, first, token)
+        before = self.text
+        self.tokens.append(token)
+        self.text = self.tokenizer.decode(self.tokens)
+        index = len(self.tokens) - 1
+        for stop in p.stop:
+            cut = self.text.find(stop)
+            if cut >= 0:
+                self.text = self.text[:cut]
+                events = [TokenEvent(token, self.text[len(before):], logprob, index, attention)] \
+                    if len(self.text) > len(before) else []
+                return [*events, self._finish("stop", len(self.tokens), self.text, step.now, self.first_token)]
+        events = [TokenEvent(token, self.text[len(before):], logprob, index, attention)]
+        if len(self.tokens) >= p.max_new_tokens or len(self.tokens) + 1 >= self.shape.max_len:
+            events.append(self._finish("length", len(self.tokens), self.text, step.now, self.first_token))
+        return events
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]
+    logprobs: list[float]
+    score: float  # summed log-prob
+    attention: list[list[AttentionSlice]]  # per step, when asked
+    text: str = ""
+
+
+@dataclass(eq=False)
+class BeamJob(Job):
+    """Beam search as a group of rows: 2 x beam candidates per step, a hypothesis ends at <eos> or a stop string,
+    score = summed log-prob / length ** length_penalty (the algorithm of model_src.decoding.beam_search).
+    The best hypothesis is sent whole at the end: its tokens, then the finish with its score."""
+
+    params: DecodeParams = field(default=None)
+    beam_size: int = 2
+    length_penalty: float = 1.0
+    hypotheses: list[Hypothesis] = field(default_factory=list)
+    finished: list[tuple[Hypothesis, float, str]] = field(default_factory=list)  # (hyp, normalised score, reason)
+    steps: int = 0
+    first_token: float = 0.0
+
+    @property
+    def width(self) -> int:
+        return self.beam_size
+
+    def encoded(self, enc: dict[str, np.ndarray], i: int, now: float) -> list:
+        events = super().encoded(enc, i, now)
+        self.hypotheses = [Hypothesis([], [], 0.0, [])]
+        return events
+
+    def _normalised(self, score: float, length: int) -> float:
+        return score / max(length, 1) ** self.length_penalty
+
+    def stepped(self, step: StepOutput, first: int) -> list:
+        n, k = len(self.rows), self.beam_size
+        logits = step.out["logits"][first:first + n]  # (n, V)
+        check_finite(logits, self.steps)
+        self.first_token = self.first_token or step.now
+        logp = log_softmax(logits)  # (n, V)
+        scores = np.array([h.score for h in self.hypotheses])[:, None] + logp  # (n, V)
+        V = logp.shape[1]
+        attention = [self._step_attention(step, first + b, self.rows[b]) if self.decoder_attention else []
+                     for b in range(n)]
+        survivors: list[Hypothesis] = []
+        rows: list[Row] = []
+        for f in np.argsort(-scores.ravel(), kind="stable")[: 2 * k]:
+            b, tok = divmod(int(f), V)
+            parent = self.hypotheses[b]
+            hyp = Hypothesis([*parent.tokens, tok], [*parent.logprobs, float(logp[b, tok])], float(scores[b, tok]),
+                             [*parent.attention, attention[b]])
+            if tok == self.shape.eos_id:
+                ended = Hypothesis(hyp.tokens[:-1], hyp.logprobs[:-1], hyp.score, hyp.attention[:-1], parent.text)
+                self.finished.append((ended, self._normalised(hyp.score, len(hyp.tokens)), "eos"))
+            else:
+                hyp.text = self.tokenizer.decode(hyp.tokens)
+                cut = min((c for c in (hyp.text.find(s) for s in self.params.stop) if c >= 0), default=-1)
+                if cut >= 0:
+                    hyp.text = hyp.text[:cut]
+                    self.finished.append((hyp, self._normalised(hyp.score, len(hyp.tokens)), "stop"))
+                else:
+                    row = Row(self.rows[b].cross_k, self.rows[b].cross_v, self.rows[b].past_k, self.rows[b].past_v, 0)
+                    self._advance_row(row, step, first + b, tok)
+                    survivors.append(hyp)
+                    rows.append(row)
+            if len(survivors) == k:
+                break
+        self.steps += 1
+        if len(self.finished) >= k or not survivors or self.steps >= self.params.max_new_tokens:
+            if not self.finished:
+                self.finished = [(h, self._normalised(h.score, len(h.tokens)), "length") for h in survivors]
+            self.rows = []
+            return self._result(step.now)
+        self.hypotheses, self.rows = survivors, rows
+        return []
+
+    def _result(self, now: float) -> list:
+        best, score, reason = max(self.finished, key=lambda f: f[1])
+        events, before = [], ""
+        for i, (tok, lp) in enumerate(zip(best.tokens, best.logprobs, strict=True)):
+            text = best.text if i == len(best.tokens) - 1 else self.tokenizer.decode(best.tokens[: i + 1])
+            events.append(TokenEvent(tok, text[len(before):], lp, i, best.attention[i] if best.attention else []))
+            before = text
+        return [*events, self._finish(reason, len(best.tokens), best.text, now, self.first_token, score)]
+
+
+@dataclass(eq=False)
+class EncodeJob(Job):
+    """An encoder pass only: static embeddings and each layer's contextual vectors."""
+
+    @property
+    def width(self) -> int:
+        return 0
+
+    @property
+    def encoder_attention(self) -> bool:
+        return True  # the extras come from the attention graph
+
+    def encoded(self, enc: dict[str, np.ndarray], i: int, now: float) -> list:
+        self.started, self.done = now, True
+        S = len(self.source)
+        return [EncoderEvent([], embeddings=enc["embeddings"][i, :S],  # (S, d_model)
+                             hidden_states=enc["hidden_states"][:, i, :S])]  # (L, S, d_model)

@@ -1,0 +1,143 @@
+"""One loaded model version: its typed manifest, tokenizer and ONNX Runtime sessions, spoken to in numpy.
+
+Knows nothing of gRPC. Every call blocks; only the model's engine thread calls `run_encoder` / `run_decoder`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from model_repository import GRAPH_NAMES, Manifest, RepositoryError, open_version
+
+from ..api.errors import FailedPrecondition
+from .feeds import DECODER_INPUTS, ENCODER_INPUTS, decoder_feeds, encoder_feeds
+from .tokenizer import ServingTokenizer
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+class ModelLoadError(RuntimeError):
+    """A version folder that cannot be served: a broken rule of the repository, or sessions that fail."""
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    providers: tuple[str, ...] = ("cuda", "cpu")  # tried in order; unavailable ones are skipped (and logged)
+    require_gpu: bool = False  # fail instead of falling back to CPU
+    intra_op_threads: int = 1  # one thread was as fast as two for small batches here and leaves a core to gRPC
+    verify_checksums: bool = True
+
+
+def check_runtime_install() -> None:
+    """onnxruntime and onnxruntime-gpu installed together hide the CUDA provider: say so plainly."""
+    installed = set()
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            installed.add(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        log.warning("both onnxruntime and onnxruntime-gpu are installed; the CUDA provider may be missing. "
+                    "Install exactly one (extras 'cpu' or 'gpu').")
+
+
+def resolve_providers(cfg: RunnerConfig) -> list[str]:
+    available = ort.get_available_providers()
+    wanted = []
+    for name in cfg.providers:
+        if name not in PROVIDERS:
+            raise FailedPrecondition(f"unknown execution provider {name!r}; use any of: {', '.join(PROVIDERS)}")
+        if PROVIDERS[name] in available:
+            wanted.append(PROVIDERS[name])
+        else:
+            log.info("execution provider %s is not available in this onnxruntime build", PROVIDERS[name])
+    if cfg.require_gpu and "CUDAExecutionProvider" not in wanted:
+        raise FailedPrecondition(f"--require-gpu: CUDAExecutionProvider is not available (available: {available}); "
+                                 "install the 'gpu' extra (onnxruntime-gpu) on a machine with CUDA")
+    if not wanted:
+        raise FailedPrecondition(f"none of the providers {list(cfg.providers)} is available (available: {available})")
+    return wanted
+
+
+def session_options(cfg: RunnerConfig) -> ort.SessionOptions:
+    """The one place session options are made (the bench's plain loop uses them too)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = cfg.intra_op_threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+class ModelRunner:
+    def __init__(self, version_dir: Path, cfg: RunnerConfig) -> None:
+        self.dir = Path(version_dir)
+        try:
+            self.manifest: Manifest = open_version(self.dir, verify_checksums=cfg.verify_checksums)
+        except RepositoryError as e:
+            raise ModelLoadError(str(e)) from e
+        m = self.manifest
+        self.name, self.version, self.shape = m.name, m.version, m.model
+        self.tokenizer = ServingTokenizer.load(m.file(m.tokenizer))
+        providers = resolve_providers(cfg)
+        so = session_options(cfg)
+        try:
+            self.sessions = {g: ort.InferenceSession(str(m.file(m.graphs[g].file)), so, providers=providers)
+                             for g in GRAPH_NAMES}
+        except Exception as e:  # onnxruntime raises its own exception types for bad graphs
+            raise ModelLoadError(f"{self.dir}: ONNX Runtime cannot load the graphs ({e})") from e
+        for graph, known in (("encoder", ENCODER_INPUTS), ("encoder_attn", ENCODER_INPUTS),
+                             ("decoder", DECODER_INPUTS), ("decoder_attn", DECODER_INPUTS)):
+            declared = [i.name for i in self.sessions[graph].get_inputs()]
+            unknown = set(declared) - set(known)
+            if unknown:
+                raise ModelLoadError(f"{m.file(m.graphs[graph].file)}: inputs {sorted(unknown)} are not ones this "
+                                     f"server can feed ({', '.join(known)})")
+        self.inputs = {g: tuple(i.name for i in s.get_inputs()) for g, s in self.sessions.items()}
+        self.outputs = {g: tuple(o.name for o in s.get_outputs()) for g, s in self.sessions.items()}
+        self.providers: tuple[str, ...] = tuple(self.sessions["decoder"].get_providers())
+        self.calls: Counter[str] = Counter()  # runs per graph: shows which requests paid for attention
+        log.info("loaded %s v%d from %s on %s", self.name, self.version, self.dir, self.providers)
+
+    @property
+    def bos_id(self) -> int:
+        return self.shape.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.shape.eos_id
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls[graph] += 1
+        outs = self.sessions[graph].run(None, feeds)
+        return dict(zip(self.outputs[graph], outs, strict=True))
+
+    def run_encoder(self, sources: list[list[int]], attention: bool) -> dict[str, np.ndarray]:
+        """One encoder pass over right-padded sources: cross_k/v (L, B, nh, S, hs), and the extras with attention."""
+        graph = "encoder_attn" if attention else "encoder"
+        return self._run(graph, encoder_feeds(sources, self.inputs[graph]))
+
+    def run_decoder(self, feeds: dict[str, np.ndarray], attention: bool) -> dict[str, np.ndarray]:
+        return self._run("decoder_attn" if attention else "decoder", feeds)
+
+    def decoder_inputs(self, attention: bool) -> tuple[str, ...]:
+        return self.inputs["decoder_attn" if attention else "decoder"]
+
+    def warm_up(self) -> None:
+        """Run every graph once so the first request pays no lazy initialisation."""
+        from .jobs import Row
+
+        for attention in (False, True):
+            enc = self.run_encoder([[4, 5, 6]], attention)
+            row = Row.start(enc["cross_k"], enc["cross_v"], self.bos_id)
+            self.run_decoder(decoder_feeds([row], self.decoder_inputs(attention))[0], attention)

@@ -1,0 +1,154 @@
+"""The one place domain errors become gRPC status codes, applied to every RPC of our services by an interceptor.
+
+The interceptor also refuses calls while the server shuts down, turns requests that do not parse (e.g. a string
+field that is not valid UTF-8) into INVALID_ARGUMENT instead of grpc's generic error, tells a cancelled call
+from an expired one, and records the request metrics (method, final code, duration, in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from ..api.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidRequest,
+    LimitExceeded,
+    ModelFailure,
+    NotFound,
+    PermissionDenied,
+    ServingError,
+    Unavailable,
+)
+from ..metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    ModelFailure: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Map any exception to (code, message); unknown errors are INTERNAL with their type, never a traceback."""
+    for kind in type(exc).__mro__:
+        if kind in STATUS:
+            return STATUS[kind], str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+class _Unparsable:
+    """Stands in for a request whose bytes did not parse, so the handler can answer INVALID_ARGUMENT."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # protobuf's DecodeError, e.g. invalid UTF-8 in a string field
+            return _Unparsable(e)
+
+    return deserialize
+
+
+def _ended_code(context: grpc.aio.ServicerContext) -> str:
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0.001 else "CANCELLED"
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, services: tuple[str, ...], metrics: Metrics, stopping: Callable[[], bool]) -> None:
+        self.services, self.metrics, self.stopping = services, metrics, stopping
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable],
+                                details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        service, _, method = details.method.lstrip("/").partition("/")
+        if handler is None or service not in self.services:
+            return handler  # health, reflection: answered as grpc answers them, even while stopping
+        deserializer = _tolerant(handler.request_deserializer)
+        if handler.unary_unary:
+            return handler._replace(request_deserializer=deserializer, unary_unary=self._unary(handler.unary_unary,
+                                                                                               method))
+        if handler.unary_stream:
+            return handler._replace(request_deserializer=deserializer,
+                                    unary_stream=self._stream(handler.unary_stream, method))
+        return handler
+
+    def _admit(self, request) -> None:
+        if self.stopping():
+            raise Unavailable("the server is shutting down; retry on another replica")
+        if isinstance(request, _Unparsable):
+            raise InvalidRequest(f"the request does not parse ({request.error}); string fields must be valid UTF-8")
+
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> str:
+        code, message = status_of(exc)
+        if not isinstance(exc, ServingError):
+            log.error("%s failed", method, exc_info=exc)
+        await context.abort(code, message)
+        return code.name  # not reached: abort raises
+
+    def _unary(self, fn, method: str):
+        m = self.metrics
+
+        async def behaviour(request, context):
+            start, code = time.perf_counter(), "OK"
+            m.in_flight.labels(method).inc()
+            try:
+                self._admit(request)
+                return await fn(request, context)
+            except asyncio.CancelledError:
+                code = _ended_code(context)
+                raise
+            except Exception as e:
+                code = status_of(e)[0].name
+                await self._fail(context, method, e)
+            finally:
+                m.in_flight.labels(method).dec()
+                m.duration.labels(method).observe(time.perf_counter() - start)
+                m.requests.labels(method, code).inc()
+
+        return behaviour
+
+    def _stream(self, fn, method: str):
+        m = self.metrics
+
+        async def behaviour(request, context):
+            start, code = time.perf_counter(), "OK"
+            m.in_flight.labels(method).inc()
+            try:
+                self._admit(request)
+                async with contextlib.aclosing(fn(request, context)) as items:
+                    async for item in items:
+                        yield item
+            except (asyncio.CancelledError, GeneratorExit):
+                code = _ended_code(context)
+                raise
+            except Exception as e:
+                code = status_of(e)[0].name
+                await self._fail(context, method, e)
+            finally:
+                m.in_flight.labels(method).dec()
+                m.duration.labels(method).observe(time.perf_counter() - start)
+                m.requests.labels(method, code).inc()
+
+        return behaviour
