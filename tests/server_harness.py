@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import fields
 
 from serving.api.domain import Limits
 from serving.frontends.server import App, ServerConfig, create_server
@@ -28,7 +29,12 @@ class ServerThread:
             self._thread.join(10)
 
 
-def start(repo, models=(), poll_seconds=0.0, drain_seconds=0.0, **limits) -> ServerThread:
-    """A server of its own for tests that change its repository or limits."""
-    return ServerThread(ServerConfig(repo=repo, address="127.0.0.1:0", metrics_port=None, models=tuple(models),
-                                     poll_seconds=poll_seconds, drain_seconds=drain_seconds, limits=Limits(**limits)))
+SERVER_FIELDS = {f.name for f in fields(ServerConfig)}
+
+
+def start(repo, models=(), poll_seconds=0.0, drain_seconds=0.0, metrics_port=None, **settings) -> ServerThread:
+    """A server of its own for tests that change its repository, limits (Limits fields) or ServerConfig fields."""
+    server = {k: v for k, v in settings.items() if k in SERVER_FIELDS}
+    limits = Limits(**{k: v for k, v in settings.items() if k not in SERVER_FIELDS})
+    return ServerThread(ServerConfig(repo=repo, address="127.0.0.1:0", metrics_port=metrics_port, models=tuple(models),
+                                     poll_seconds=poll_seconds, drain_seconds=drain_seconds, limits=limits, **server))

@@ -176,6 +176,8 @@ BAD = [
     ({"source": "abc", "model": "tiny", "max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "at least 1"),
     ({"source": "abc", "model": "tiny", "max_new_tokens": 251}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
     ({"source": "abc", "model": "tiny", "temperature": -0.5}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ({"source": "abc", "model": "tiny", "temperature": 1e-45}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ({"source": "abc", "model": "tiny", "temperature": 1e9}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     ({"source": "abc", "model": "tiny", "top_p": 0.0}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     ({"source": "abc", "model": "tiny", "top_p": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     ({"source": "abc", "model": "tiny", "attention": "cross", "layers": [5]}, grpc.StatusCode.INVALID_ARGUMENT,
