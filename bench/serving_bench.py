@@ -1,5 +1,5 @@
 """Side-by-side latency and throughput of one exported model: PyTorch eager, ONNX Runtime direct, and the gRPC
-server (streamed, with and without attention; concurrent streams batched by the scheduler).
+server (streamed, with and without attention; concurrent streams batched by the model's engine).
 
     python -m bench.serving_bench --checkpoint checkpoints/dates --version-dir models/dates/1 \
         [--version-dir models/dates-int8/1] [--repeats 30]
@@ -17,6 +17,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+
+def config_of(runner) -> dict:
+    """The exported model config, as export's reference loop reads it."""
+    return runner.manifest.model_config
 
 
 def _median_ms(xs: list[float]) -> float:
@@ -39,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     from model_src.checkpoint import load_model
     from model_src.decoding import generate
     from model_src.tasks import load_task
+    from serving.api.domain import DecodeOptions, GenerateRequest, ModelRef, Source
     from serving.client import AttnServeClient
-    from serving.requests import DecodeParams, GenerationRequest
-    from serving.runner import ModelRunner, RunnerConfig
-    from serving.server import ServerConfig, create_server
+    from serving.engine.runner import ModelRunner, RunnerConfig
+    from serving.frontends.server import ServerConfig, create_server
 
     torch.set_num_threads(1)  # the same one core ORT gets
     model, tok, config = load_model(args.checkpoint)
@@ -65,29 +70,33 @@ def main(argv: list[str] | None = None) -> int:
         poll_seconds=0, drain_seconds=0)), loop).result()
     client = AttnServeClient(f"127.0.0.1:{app.port}")
     name = names[0]
-    sched = app.registry.get(name).scheduler
 
-    def ort_direct(src):
+    def engine_api(src):
         async def run():
-            seq = sched.submit(GenerationRequest(src, DecodeParams(max_new_tokens=32)))
-            return [ev async for ev in sched.stream(seq)]
+            req = GenerateRequest(ModelRef(name), Source(ids=tuple(src)), DecodeOptions(max_new_tokens=32))
+            return [ev async for ev in app.api.generate(req)]
         return asyncio.run_coroutine_threadsafe(run(), loop).result()
 
     variants = {
         "PyTorch eager, greedy (KV cache)": lambda s: generate(model, [s], max_new_tokens=32),
-        "ORT sessions, plain greedy loop": lambda s: ort_greedy(runner.sessions, runner.config, [s], 32),
-        "ORT scheduler, in process": ort_direct,
+        "ORT sessions, plain greedy loop": lambda s: ort_greedy(runner.sessions, config_of(runner), [s], 32),
+        "engine API, in process": engine_api,
         "gRPC Generate stream": lambda s: list(client.generate(s, model=name, max_new_tokens=32)),
         "gRPC Generate stream + cross attention": lambda s: list(client.generate(s, model=name, max_new_tokens=32,
                                                                                   attention="cross")),
         "gRPC Generate stream + all attention": lambda s: list(client.generate(s, model=name, max_new_tokens=32,
                                                                                 attention="all")),
         "gRPC Predict (unary)": lambda s: client.predict(s, model=name, max_new_tokens=32),
+        "gRPC Predict, all attention": lambda s: client.predict(s, model=name, max_new_tokens=32, attention="all"),
+        "gRPC Predict, beam 4": lambda s: client.predict(s, model=name, max_new_tokens=32, beam_size=4),
+        "gRPC Predict, beam 4 + all attention": lambda s: client.predict(s, model=name, max_new_tokens=32,
+                                                                         beam_size=4, attention="all"),
+        "gRPC Encode": lambda s: client.encode(s, model=name),
     }
     for other, r in zip(names[1:], runners[1:], strict=True):
-        precision = r.manifest["precision"]
+        precision = r.manifest.precision
         variants[f"ORT sessions, plain greedy loop, {precision}"] = \
-            lambda s, r=r: ort_greedy(r.sessions, r.config, [s], 32)
+            lambda s, r=r: ort_greedy(r.sessions, config_of(r), [s], 32)
         variants[f"gRPC Generate stream, {precision}"] = \
             lambda s, other=other: list(client.generate(s, model=other, max_new_tokens=32))
     for fn in variants.values():  # warm-up
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             fn(src)
             times[label].append(time.perf_counter() - t)
 
-    # Throughput: the same N requests one after another vs N concurrent streams batched by the scheduler.
+    # Throughput: the same N requests one after another vs N concurrent streams batched by the engine.
     from concurrent.futures import ThreadPoolExecutor
 
     n = args.concurrency
@@ -116,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             conc_t.append(time.perf_counter() - t)
 
     base = statistics.median(times["ORT sessions, plain greedy loop"])
-    lines = [f"Model: `{dirs[0]}` ({runner.manifest['precision']}, d_model {runner.config['d_model']}, "
-             f"{runner.config['n_encoder_layers']}+{runner.config['n_decoder_layers']} layers), "
+    shape = runner.shape
+    lines = [f"Model: `{dirs[0]}` ({runner.manifest.precision}, d_model {shape.d_model}, "
+             f"{shape.n_encoder_layers}+{shape.n_decoder_layers} layers), "
              f"{len(sources)} held-out inputs, up to 32 new tokens, one ORT intra-op thread, one torch thread.",
              "", "| variant (one request at a time) | median ms | vs ORT plain loop |", "|---|---:|---:|"]
     for label, xs in times.items():

@@ -64,6 +64,14 @@ async def _complete(engine: Engine, job: SequenceJob) -> list:
     return [ev async for ev in Engine.events(job)]
 
 
+def _finished(events: list) -> FinishEvent:
+    """The finish of a whole stream: tokens, then a FinishEvent whose text they add up to."""
+    *tokens, finish = events
+    assert all(isinstance(ev, TokenEvent) for ev in tokens) and isinstance(finish, FinishEvent)
+    assert finish.text == "".join(ev.text for ev in tokens) and finish.generated_tokens == len(tokens)
+    return finish
+
+
 async def _until(condition: Callable[[], bool], seconds: float) -> float:
     """Wait for `condition`, polling; returns the seconds it took, fails past `seconds`."""
     start = time.monotonic()
@@ -85,8 +93,7 @@ def test_refresh_loads_version_1_and_then_finds_nothing_new(repo):
             registry.get("other")
         assert await registry.refresh() == []
         assert registry.get("tiny") is served
-        events = await _complete(served.engine, _job(served))
-        assert isinstance(events[-1], FinishEvent)
+        _finished(await _complete(served.engine, _job(served)))
 
     _run(repo, body)
 
@@ -119,13 +126,12 @@ def test_a_new_version_swaps_in_and_the_old_engine_drains(repo):
             new = registry.get("tiny")
             assert new.runner.version == 2 and new.healthy and new.engine is not old.engine
             assert old.engine in registry._draining and old.engine.alive  # still finishing its request
-        events = [ev async for ev in Engine.events(job)]
-        assert isinstance(events[-1], FinishEvent)  # finished on v1
+        on_v1 = _finished([ev async for ev in Engine.events(job)])  # the request finished on v1
         assert await registry.refresh() == []
         assert old.engine not in registry._draining and not old.engine.alive  # closed once idle
         with pytest.raises(Unavailable, match="unloaded"):
             old.engine.submit(_job(old))
-        assert isinstance((await _complete(new.engine, _job(new)))[-1], FinishEvent)
+        assert _finished(await _complete(new.engine, _job(new))).text == on_v1.text  # the same weights
 
     _run(repo, body)
 
@@ -140,7 +146,7 @@ def test_removing_the_new_version_serves_the_old_one_again(repo):
         served = registry.get("tiny")
         assert served.runner.version == 1 and served.healthy
         assert not v2_engine.alive
-        assert isinstance((await _complete(served.engine, _job(served)))[-1], FinishEvent)
+        _finished(await _complete(served.engine, _job(served)))
 
     _run(repo, body)
 
@@ -174,7 +180,7 @@ def test_a_version_pointing_outside_its_folder_is_not_loaded(repo):
         why = registry.failed[("tiny", 2)][1]
         assert "containment" in why and "../../x.onnx" in why
         assert registry.get("tiny") is served and served.healthy
-        assert isinstance((await _complete(served.engine, _job(served)))[-1], FinishEvent)
+        _finished(await _complete(served.engine, _job(served)))
         assert await registry.refresh() == []  # unchanged on disk: not tried again, still v1
 
     _run(repo, body)
@@ -233,9 +239,7 @@ def test_a_dead_engine_fails_its_requests_and_is_restarted(repo, monkeypatch):
 
         await _until(lambda: served.restarts == 1 and served.healthy, seconds=2.0)
         assert served.engine is not dead and not dead.alive
-        events = await _complete(served.engine, _job(served))
-        assert all(isinstance(ev, TokenEvent) for ev in events[:-1])
-        assert isinstance(events[-1], FinishEvent)
+        _finished(await _complete(served.engine, _job(served)))
         assert changes == [False, True]  # told of the death, then of the restart
 
     _run(repo, body)

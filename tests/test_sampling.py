@@ -53,10 +53,11 @@ def test_filtered_probs_match_the_torch_reference(vocab, temperature, top_k, top
         np.testing.assert_array_equal(ours > 0, expected > 0)  # the same tokens survive
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: with top_k and top_p together, serving measures the top-p "
-                                       "mass on the whole distribution instead of the one left by top-k, so it "
-                                       "keeps more tokens than model_src.decoding.filter_logits")
 def test_filtered_probs_with_top_k_and_top_p_together_match_the_torch_reference():
+    # top_k 2 leaves 0.3 and 0.2, i.e. 0.6 and 0.4: top_p 0.5 keeps the first alone
+    logits = np.log(np.array([0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1]))
+    np.testing.assert_allclose(filtered_probs(logits, DecodeParams(8, 1.0, 2, 0.5)), [1, 0, 0, 0, 0, 0, 0],
+                               atol=1e-12)
     for seed in range(20):
         logits = _logits(100, seed)
         ours = filtered_probs(logits, DecodeParams(8, 1.3, 4, 0.6))
@@ -69,6 +70,13 @@ def test_top_p_keeps_the_token_that_crosses_it():
     probs = filtered_probs(logits, DecodeParams(8, 1.0, 0, 0.6))
     np.testing.assert_allclose(probs, [0.0, 0.625, 0.375], atol=1e-12)
     np.testing.assert_allclose(probs, _reference_probs(logits, 1.0, 0, 0.6), atol=1e-12)
+
+
+def test_top_p_stops_at_a_nucleus_that_reaches_it_exactly():
+    logits = np.array([0.0, -np.log(2), -np.log(2)])  # probabilities 0.5, 0.25, 0.25, exact in binary
+    probs = filtered_probs(logits, DecodeParams(8, 1.0, 0, 0.75))
+    np.testing.assert_allclose(probs, [2 / 3, 1 / 3, 0.0], atol=1e-12)
+    np.testing.assert_allclose(probs, _reference_probs(logits, 1.0, 0, 0.75), atol=1e-12)
 
 
 def test_top_k_keeps_ties_at_the_kth_value_like_the_reference():

@@ -140,7 +140,14 @@ class Engine:
                 self._loop.call_soon_threadsafe(self.on_death, self, reason)
 
     def _take(self) -> list[Job]:
-        """Waiting jobs that fit the batch now, in arrival order (called with the lock held)."""
+        """Waiting jobs that fit the batch now, in arrival order (called with the lock held). Jobs that were
+        cancelled or expired while waiting leave the queue here, so they never hold a place in it."""
+        now = time.monotonic()
+        gone = [j for j in self.waiting if j.cancelled or j.expired(now)]
+        if gone:
+            self.waiting = deque(j for j in self.waiting if j not in gone)
+            self._send([(j, [DeadlineExceeded("the deadline passed while the request waited for the model")])
+                        for j in gone if not j.cancelled])
         room = self.cfg.max_batch - sum(job.width for job in self.active)
         new = []
         while self.waiting and (self.waiting[0].width <= room or (not self.active and not new)):
@@ -151,7 +158,7 @@ class Engine:
 
     def _iteration(self, new: list[Job]) -> None:
         now = time.monotonic()
-        expired = [j for j in self.active + new if not j.cancelled and j.deadline is not None and now > j.deadline]
+        expired = [j for j in self.active + new if not j.cancelled and j.expired(now)]
         self._send([(j, [DeadlineExceeded("the deadline passed before the request finished")]) for j in expired])
         for j in expired:
             j.cancelled = True

@@ -72,6 +72,9 @@ class Job:
         """Decoder rows it will hold at most: what it takes of the engine's batch."""
         return 1
 
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
+
     @property
     def encoder_attention(self) -> bool:
         return self.attention is not None and self.attention.wants_encoder

@@ -31,6 +31,7 @@ def filtered_probs(logits: np.ndarray, p: DecodeParams) -> np.ndarray:
     if p.top_k and p.top_k < logp.size:
         kth = np.partition(logp, -p.top_k)[-p.top_k]
         logp = np.where(logp < kth, -np.inf, logp)
+        logp = logp - np.logaddexp.reduce(logp)  # renormalised: top-p measures the mass top-k left
     if p.top_p < 1.0:
         order = np.argsort(-logp, kind="stable")
         probs = np.exp(logp[order])
