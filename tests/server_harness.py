@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 
 from serving.api.domain import Limits
 from serving.frontends.server import App, ServerConfig, create_server
@@ -38,3 +42,16 @@ def start(repo, models=(), poll_seconds=0.0, drain_seconds=0.0, metrics_port=Non
     limits = Limits(**{k: v for k, v in settings.items() if k not in SERVER_FIELDS})
     return ServerThread(ServerConfig(repo=repo, address="127.0.0.1:0", metrics_port=metrics_port, models=tuple(models),
                                      poll_seconds=poll_seconds, drain_seconds=drain_seconds, limits=limits, **server))
+
+
+def copy_version(model_dir: Path, version: int, change: Callable[[dict], None] = lambda m: None,
+                 folder: Path | None = None) -> Path:
+    """MODEL/1 copied as MODEL/<version> (or into `folder`), its manifest saying so; `change` edits the manifest
+    further (manifest.json is not in its own `files`, so the copy stays valid)."""
+    folder = folder or model_dir / str(version)
+    shutil.copytree(model_dir / "1", folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["version"] = version
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder

@@ -1,7 +1,6 @@
 """Server lifecycle: health on load and shutdown, new versions swapped in, broken versions kept out."""
 
 import asyncio
-import json
 import shutil
 import time
 
@@ -10,7 +9,7 @@ import pytest
 
 from serving.client import AttnServeClient
 
-from .server_harness import start
+from .server_harness import copy_version, start
 
 
 def test_health_flips_on_load_and_on_shutdown(tiny_repo, tmp_path):
@@ -55,10 +54,7 @@ def test_new_version_is_picked_up_while_a_stream_runs(tiny_repo, tmp_path):
         with AttnServeClient(s.address) as c:
             stream = c.generate("hello", max_new_tokens=30)
             first = next(stream)
-            staging = repo / "tiny" / ".staging-2"
-            shutil.copytree(repo / "tiny" / "1", staging)
-            manifest = json.loads((staging / "manifest.json").read_text())
-            (staging / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+            staging = copy_version(repo / "tiny", 2, folder=repo / "tiny" / ".staging-2")
             staging.rename(repo / "tiny" / "2")
             rest = list(stream)
             assert first.token.index == 0 and rest[-1].finish.model.version == 1
@@ -82,8 +78,8 @@ def test_a_broken_new_version_leaves_the_old_one_serving(tiny_repo, tmp_path):
         shutil.copytree(repo / "tiny" / "1", v2)
         with pytest.raises(ModelLoadError, match="manifest says version 1 but the folder is 2"):
             ModelRunner(v2, RunnerConfig(providers=("cpu",)))
-        manifest = json.loads((v2 / "manifest.json").read_text())
-        (v2 / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+        shutil.rmtree(v2)
+        copy_version(repo / "tiny", 2)  # the same files, its manifest saying version 2
         (v2 / "decoder.onnx").write_bytes(b"truncated")
         with AttnServeClient(s.address) as c:
             assert [(m.name, m.version) for m in c.reload().models] == [("tiny", 1)]
@@ -98,10 +94,7 @@ def test_a_broken_new_version_leaves_the_old_one_serving(tiny_repo, tmp_path):
 def test_a_fresh_server_falls_back_to_the_newest_loadable_version(tiny_repo, tmp_path):
     repo = tmp_path / "models"
     shutil.copytree(tiny_repo / "tiny", repo / "tiny")
-    v2 = repo / "tiny" / "2"
-    shutil.copytree(repo / "tiny" / "1", v2)
-    manifest = json.loads((v2 / "manifest.json").read_text())
-    (v2 / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    v2 = copy_version(repo / "tiny", 2)
     (v2 / "encoder.onnx").write_bytes(b"")
     s = start(repo)
     try:

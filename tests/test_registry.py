@@ -1,7 +1,6 @@
 """The model registry on a real repository: loads, swaps, falls back, unloads, and restarts a dead engine."""
 
 import asyncio
-import json
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -9,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from model_repository import MANIFEST
 from serving.api.domain import DecodeOptions, FinishEvent, Limits, TokenEvent
 from serving.api.errors import NotFound, Unavailable
 from serving.api.validation import model_limits, resolve_params
@@ -17,6 +15,8 @@ from serving.engine.engine import Engine, EngineConfig
 from serving.engine.jobs import SequenceJob
 from serving.engine.registry import ModelRegistry, RegistryConfig, ServedModel
 from serving.engine.runner import RunnerConfig
+
+from .server_harness import copy_version
 
 
 @pytest.fixture
@@ -41,14 +41,7 @@ def _run(repo, body: Callable[[ModelRegistry], Awaitable[None]]) -> None:
 
 
 def _copy_version(repo, version: int, change: Callable[[dict], None] = lambda m: None):
-    """REPO/tiny/1 copied as REPO/tiny/<version>, its manifest saying so (manifest.json is not in its own files)."""
-    folder = repo / "tiny" / str(version)
-    shutil.copytree(repo / "tiny" / "1", folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
-    manifest["version"] = version
-    change(manifest)
-    (folder / MANIFEST).write_text(json.dumps(manifest))
-    return folder
+    return copy_version(repo / "tiny", version, change)
 
 
 def _job(served: ServedModel, text: str = "hello") -> SequenceJob:

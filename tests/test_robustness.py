@@ -18,7 +18,7 @@ from protos import attnserve_v1_pb2_grpc as pb_grpc
 from serving.client import AttnServeClient
 from serving.client.client import _attention, _options, _source
 
-from .server_harness import start
+from .server_harness import copy_version, start
 
 INNOCENT = ["abc", "hello", "qwertyui", "mnop", "klmno", "xy"]  # no 'z': that token is poisoned below
 
@@ -246,12 +246,7 @@ def test_odd_folders_and_a_manifest_pointing_outside_leave_serving_intact(tiny_r
     for odd in ("²", "99999999999999999999", "abc"):
         (repo / "tiny" / odd).mkdir()
         shutil.copy(repo / "tiny" / "1" / "manifest.json", repo / "tiny" / odd / "manifest.json")
-    v2 = repo / "tiny" / "2"
-    shutil.copytree(repo / "tiny" / "1", v2)
-    manifest = json.loads((v2 / "manifest.json").read_text())
-    manifest["version"] = 2
-    manifest["graphs"]["decoder"]["file"] = "../1/decoder.onnx"
-    (v2 / "manifest.json").write_text(json.dumps(manifest))
+    copy_version(repo / "tiny", 2, lambda m: m["graphs"]["decoder"].update(file="../1/decoder.onnx"))
     s = start(repo)
     try:
         with AttnServeClient(s.address) as c:
@@ -266,10 +261,7 @@ def test_odd_folders_and_a_manifest_pointing_outside_leave_serving_intact(tiny_r
 def test_a_removed_version_finishes_its_streams_then_the_newest_remaining_serves(tiny_repo, tmp_path):
     repo = tmp_path / "models"
     shutil.copytree(tiny_repo / "tiny", repo / "tiny")
-    v2 = repo / "tiny" / "2"
-    shutil.copytree(repo / "tiny" / "1", v2)
-    manifest = json.loads((v2 / "manifest.json").read_text())
-    (v2 / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    v2 = copy_version(repo / "tiny", 2)
     s = start(repo)
     try:
         with AttnServeClient(s.address) as c:

@@ -105,7 +105,7 @@ class EncodeRequest:
     deadline: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class AttentionSlice:
     kind: str
     layer: int
@@ -114,7 +114,7 @@ class AttentionSlice:
     weights: np.ndarray  # (heads or 1, Tq, Tk)
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenEvent:
     id: int
     text: str
@@ -123,7 +123,7 @@ class TokenEvent:
     attention: list[AttentionSlice] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class FinishEvent:
     reason: str  # eos | length | stop
     prompt_tokens: int

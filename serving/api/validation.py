@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
@@ -16,6 +17,7 @@ MAX_TEMPERATURE = 100.0
 MAX_SEED = 2**63 - 1
 
 
+@functools.lru_cache(maxsize=256)
 def model_limits(limits: Limits, max_len: int) -> Limits:
     """The limits as they apply to one model: lengths capped by what its positions allow."""
     return replace(limits, max_source_tokens=min(limits.max_source_tokens, max_len),

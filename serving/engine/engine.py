@@ -143,7 +143,7 @@ class Engine:
         """Waiting jobs that fit the batch now, in arrival order (called with the lock held). Jobs that were
         cancelled or expired while waiting leave the queue here, so they never hold a place in it."""
         now = time.monotonic()
-        gone = [j for j in self.waiting if j.cancelled or j.expired(now)]
+        gone = [j for j in self.waiting if j.cancelled or j.expired(now)] if self.waiting else []
         if gone:
             self.waiting = deque(j for j in self.waiting if j not in gone)
             self._send([(j, [DeadlineExceeded("the deadline passed while the request waited for the model")])
@@ -159,9 +159,10 @@ class Engine:
     def _iteration(self, new: list[Job]) -> None:
         now = time.monotonic()
         expired = [j for j in self.active + new if not j.cancelled and j.expired(now)]
-        self._send([(j, [DeadlineExceeded("the deadline passed before the request finished")]) for j in expired])
-        for j in expired:
-            j.cancelled = True
+        if expired:
+            self._send([(j, [DeadlineExceeded("the deadline passed before the request finished")]) for j in expired])
+            for j in expired:
+                j.cancelled = True
         self.active = [j for j in self.active if not j.cancelled]  # frees their caches
         new = [j for j in new if not j.cancelled]
         events: dict[Job, list] = {}

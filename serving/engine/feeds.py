@@ -16,7 +16,7 @@ ENCODER_INPUTS = ("src_ids", "src_mask")
 DECODER_INPUTS = ("input_ids", "positions", "self_mask", "past_k", "past_v", "cross_k", "cross_v", "src_mask")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Row:
     cross_k: np.ndarray  # (L, 1, nh, S, hs), shared by every row of one request
     cross_v: np.ndarray
@@ -51,49 +51,46 @@ def encoder_feeds(sources: Sequence[Sequence[int]], names: Sequence[str]) -> dic
     return {name: built[name] for name in names}
 
 
-def _single(row: Row) -> dict[str, Callable[[], np.ndarray]]:
+def _single(row: Row) -> dict[str, np.ndarray]:
     """One row needs no padding: its own arrays go in as they are, no copy."""
     P = row.past
-    return {"input_ids": lambda: np.array([row.next_token], np.int64), "positions": lambda: np.array([P], np.int64),
-            "self_mask": lambda: np.ones((1, P + 1), bool), "past_k": lambda: row.past_k,
-            "past_v": lambda: row.past_v, "cross_k": lambda: row.cross_k, "cross_v": lambda: row.cross_v,
-            "src_mask": lambda: np.ones((1, row.src_len), bool)}
+    return {"input_ids": np.array([row.next_token], np.int64), "positions": np.array([P], np.int64),
+            "self_mask": np.ones((1, P + 1), bool), "past_k": row.past_k, "past_v": row.past_v,
+            "cross_k": row.cross_k, "cross_v": row.cross_v, "src_mask": np.ones((1, row.src_len), bool)}
 
 
-def _padded(rows: Sequence[Row]) -> dict[str, Callable[[], np.ndarray]]:
+def _stacked(rows: Sequence[Row], attr: str, length: Callable[[Row], int], width: int, left: bool) -> np.ndarray:
+    """Rows' (L, 1, nh, T_i, hs) arrays as one (L, B, nh, width, hs) batch, padded on the left or the right.
+    Rows that all have the full width are concatenated in one call (beam groups, equal lengths)."""
+    arrays = [getattr(r, attr) for r in rows]
+    if all(length(r) == width for r in rows):
+        return np.concatenate(arrays, axis=1)
+    L, _, nh, _, hs = arrays[0].shape
+    out = np.zeros((L, len(rows), nh, width, hs), np.float32)  # (L, B, nh, T, hs)
+    for i, (r, a) in enumerate(zip(rows, arrays, strict=True)):
+        n = length(r)
+        if left:
+            out[:, i, :, width - n:] = a[:, 0]
+        else:
+            out[:, i, :, :n] = a[:, 0]
+    return out
+
+
+def _padded(rows: Sequence[Row]) -> dict[str, np.ndarray]:
     n = len(rows)
     S = max(r.src_len for r in rows)
     P = max(r.past for r in rows)
-    L, _, nh, _, hs = rows[0].cross_k.shape
-
-    def cross(attr: str) -> np.ndarray:
-        out = np.zeros((L, n, nh, S, hs), np.float32)  # (L, B, nh, S, hs), right-padded sources
-        for i, r in enumerate(rows):
-            out[:, i, :, : r.src_len] = getattr(r, attr)[:, 0]
-        return out
-
-    def past(attr: str) -> np.ndarray:
-        out = np.zeros((L, n, nh, P, hs), np.float32)  # (L, B, nh, P, hs), left-padded caches
-        for i, r in enumerate(rows):
-            out[:, i, :, P - r.past:] = getattr(r, attr)[:, 0]
-        return out
-
-    def self_mask() -> np.ndarray:
-        m = np.zeros((n, P + 1), bool)  # (B, P + 1): the cached keys and the new token's own
-        for i, r in enumerate(rows):
-            m[i, P - r.past:] = True
-        return m
-
-    def src_mask() -> np.ndarray:
-        m = np.zeros((n, S), bool)  # (B, S)
-        for i, r in enumerate(rows):
-            m[i, : r.src_len] = True
-        return m
-
-    return {"input_ids": lambda: np.array([r.next_token for r in rows], np.int64),
-            "positions": lambda: np.array([r.past for r in rows], np.int64), "self_mask": self_mask,
-            "past_k": lambda: past("past_k"), "past_v": lambda: past("past_v"),
-            "cross_k": lambda: cross("cross_k"), "cross_v": lambda: cross("cross_v"), "src_mask": src_mask}
+    self_mask = np.zeros((n, P + 1), bool)  # (B, P + 1): the cached keys, left-padded, and the new token's own
+    src_mask = np.zeros((n, S), bool)  # (B, S): right-padded sources
+    for i, r in enumerate(rows):
+        self_mask[i, P - r.past:] = True
+        src_mask[i, : r.src_len] = True
+    return {"input_ids": np.array([r.next_token for r in rows], np.int64),
+            "positions": np.array([r.past for r in rows], np.int64), "self_mask": self_mask,
+            "past_k": _stacked(rows, "past_k", Row.past.fget, P, left=True),
+            "past_v": _stacked(rows, "past_v", Row.past.fget, P, left=True),
+            "cross_k": _stacked(rows, "cross_k", Row.src_len.fget, S, left=False),
+            "cross_v": _stacked(rows, "cross_v", Row.src_len.fget, S, left=False), "src_mask": src_mask}
 
 
 def decoder_feeds(rows: Sequence[Row], names: Sequence[str]) -> tuple[dict[str, np.ndarray], int]:
@@ -101,5 +98,5 @@ def decoder_feeds(rows: Sequence[Row], names: Sequence[str]) -> tuple[dict[str, 
 
     Row i's cache sits at offset P - rows[i].past in the step's `present_k/v` and self-attention keys.
     """
-    builders = _single(rows[0]) if len(rows) == 1 else _padded(rows)
-    return {name: builders[name]() for name in names}, max(r.past for r in rows)
+    built = _single(rows[0]) if len(rows) == 1 else _padded(rows)
+    return {name: built[name] for name in names}, max(r.past for r in rows)

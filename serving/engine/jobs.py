@@ -44,7 +44,7 @@ def select(probs: np.ndarray, kind: str, spec: AttentionSpec, n_layers: int) -> 
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class StepOutput:
     """One decoder run as its jobs see it: outputs for the whole batch and the padded past length P."""
 
@@ -138,9 +138,7 @@ class SequenceJob(Job):
 
     def stepped(self, step: StepOutput, first: int) -> list:
         row, p = self.rows[0], self.params
-        logits = step.out["logits"][first]  # (V,)
-        check_finite(logits, len(self.tokens))
-        token, logprob = choose(logits, p, self.rng)
+        token, logprob = choose(step.out["logits"][first], p, self.rng, len(self.tokens))  # logits (V,)
         self.first_token = self.first_token or step.now
         if token == self.shape.eos_id:
             return [self._finish("eos", len(self.tokens), self.text, step.now, self.first_token)]
@@ -216,11 +214,13 @@ class BeamJob(Job):
             hyp = Hypothesis([*parent.tokens, tok], [*parent.logprobs, float(logp[b, tok])], float(scores[b, tok]),
                              [*parent.attention, attention[b]])
             if tok == self.shape.eos_id:
-                ended = Hypothesis(hyp.tokens[:-1], hyp.logprobs[:-1], hyp.score, hyp.attention[:-1], parent.text)
+                ended = Hypothesis(hyp.tokens[:-1], hyp.logprobs[:-1], hyp.score, hyp.attention[:-1])
                 self.finished.append((ended, self._normalised(hyp.score, len(hyp.tokens)), "eos"))
             else:
-                hyp.text = self.tokenizer.decode(hyp.tokens)
-                cut = min((c for c in (hyp.text.find(s) for s in self.params.stop) if c >= 0), default=-1)
+                cut = -1
+                if self.params.stop:  # the text is only needed to look for stop strings; the winner's comes last
+                    hyp.text = self.tokenizer.decode(hyp.tokens)
+                    cut = min((c for c in (hyp.text.find(s) for s in self.params.stop) if c >= 0), default=-1)
                 if cut >= 0:
                     hyp.text = hyp.text[:cut]
                     self.finished.append((hyp, self._normalised(hyp.score, len(hyp.tokens)), "stop"))
@@ -242,6 +242,8 @@ class BeamJob(Job):
 
     def _result(self, now: float) -> list:
         best, score, reason = max(self.finished, key=lambda f: f[1])
+        if reason != "stop":
+            best.text = self.tokenizer.decode(best.tokens)
         events, before = [], ""
         for i, (tok, lp) in enumerate(zip(best.tokens, best.logprobs, strict=True)):
             text = best.text if i == len(best.tokens) - 1 else self.tokenizer.decode(best.tokens[: i + 1])

@@ -6,6 +6,8 @@ out empty, raise ModelFailure for that one request instead of sampling garbage.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..api.domain import DecodeParams
@@ -20,9 +22,13 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def check_finite(logits: np.ndarray, step: int) -> None:
     if not np.isfinite(logits).all():
-        bad = "NaN" if np.isnan(logits).any() else "infinite"
-        raise ModelFailure(f"the model produced {bad} logits for this request at output step {step}; it was "
-                           "stopped there (other requests are unaffected). The model or this input is broken.")
+        _refuse(logits, step)
+
+
+def _refuse(logits: np.ndarray, step: int) -> None:
+    bad = "NaN" if np.isnan(logits).any() else "infinite"
+    raise ModelFailure(f"the model produced {bad} logits for this request at output step {step}; it was "
+                       "stopped there (other requests are unaffected). The model or this input is broken.")
 
 
 def filtered_probs(logits: np.ndarray, p: DecodeParams) -> np.ndarray:
@@ -46,11 +52,19 @@ def filtered_probs(logits: np.ndarray, p: DecodeParams) -> np.ndarray:
     return probs / total
 
 
-def choose(logits: np.ndarray, p: DecodeParams, rng: np.random.Generator | None) -> tuple[int, float]:
-    """Next token and its log-probability under the model (before temperature and filtering)."""
+def choose(logits: np.ndarray, p: DecodeParams, rng: np.random.Generator | None, step: int = 0) -> tuple[int, float]:
+    """Next token and its log-probability under the model (before temperature and filtering).
+
+    One NaN or +inf logit makes every log-probability NaN, so checking the chosen one (or the maximum, before
+    sampling) catches bad logits without a pass over the vocabulary."""
     logp = log_softmax(logits)
     if p.greedy or rng is None:
         token = int(np.argmax(logits))
-    else:
-        token = int(rng.choice(logits.size, p=filtered_probs(logits, p)))
+        logprob = float(logp[token])
+        if not math.isfinite(logprob):
+            _refuse(logits, step)
+        return token, logprob
+    if not math.isfinite(logp.max()):
+        _refuse(logits, step)
+    token = int(rng.choice(logits.size, p=filtered_probs(logits, p)))
     return token, float(logp[token])

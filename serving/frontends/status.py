@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -78,11 +78,19 @@ def _ended_code(context: grpc.aio.ServicerContext) -> str:
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, services: tuple[str, ...], metrics: Metrics, stopping: Callable[[], bool]) -> None:
         self.services, self.metrics, self.stopping = services, metrics, stopping
+        self._wrapped: dict[str, tuple] = {}  # method path -> (grpc's handler, ours)
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable],
                                 details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        service, _, method = details.method.lstrip("/").partition("/")
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None or wrapped[0] is not handler:
+            wrapped = self._wrapped[details.method] = (handler, self._wrap(handler, details.method))
+        return wrapped[1]
+
+    def _wrap(self, handler, path: str):
+        """The handler with our behaviour around it (built once per method, not per call)."""
+        service, _, method = path.lstrip("/").partition("/")
         if handler is None or service not in self.services:
             return handler  # health, reflection: answered as grpc answers them, even while stopping
         deserializer = _tolerant(handler.request_deserializer)
@@ -94,61 +102,44 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                                     unary_stream=self._stream(handler.unary_stream, method))
         return handler
 
-    def _admit(self, request) -> None:
-        if self.stopping():
-            raise Unavailable("the server is shutting down; retry on another replica")
-        if isinstance(request, _Unparsable):
-            raise InvalidRequest(f"the request does not parse ({request.error}); string fields must be valid UTF-8")
-
-    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> str:
-        code, message = status_of(exc)
-        if not isinstance(exc, ServingError):
-            log.error("%s failed", method, exc_info=exc)
-        await context.abort(code, message)
-        return code.name  # not reached: abort raises
+    @contextlib.asynccontextmanager
+    async def _call(self, method: str, request, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Around one call: refuse or admit it, map what it raises, record its metrics however it ends."""
+        m, start, code = self.metrics, time.perf_counter(), "OK"
+        in_flight = m.in_flight.labels(method)
+        in_flight.inc()
+        try:
+            if self.stopping():
+                raise Unavailable("the server is shutting down; retry on another replica")
+            if isinstance(request, _Unparsable):
+                raise InvalidRequest(f"the request does not parse ({request.error}); string fields must be valid "
+                                     "UTF-8")
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            code = _ended_code(context)
+            raise
+        except Exception as e:
+            status, message = status_of(e)
+            code = status.name
+            if not isinstance(e, ServingError):
+                log.error("%s failed", method, exc_info=e)
+            await context.abort(status, message)
+        finally:
+            in_flight.dec()
+            m.duration.labels(method).observe(time.perf_counter() - start)
+            m.requests.labels(method, code).inc()
 
     def _unary(self, fn, method: str):
-        m = self.metrics
-
         async def behaviour(request, context):
-            start, code = time.perf_counter(), "OK"
-            m.in_flight.labels(method).inc()
-            try:
-                self._admit(request)
+            async with self._call(method, request, context):
                 return await fn(request, context)
-            except asyncio.CancelledError:
-                code = _ended_code(context)
-                raise
-            except Exception as e:
-                code = status_of(e)[0].name
-                await self._fail(context, method, e)
-            finally:
-                m.in_flight.labels(method).dec()
-                m.duration.labels(method).observe(time.perf_counter() - start)
-                m.requests.labels(method, code).inc()
 
         return behaviour
 
     def _stream(self, fn, method: str):
-        m = self.metrics
-
         async def behaviour(request, context):
-            start, code = time.perf_counter(), "OK"
-            m.in_flight.labels(method).inc()
-            try:
-                self._admit(request)
-                async with contextlib.aclosing(fn(request, context)) as items:
-                    async for item in items:
-                        yield item
-            except (asyncio.CancelledError, GeneratorExit):
-                code = _ended_code(context)
-                raise
-            except Exception as e:
-                code = status_of(e)[0].name
-                await self._fail(context, method, e)
-            finally:
-                m.in_flight.labels(method).dec()
-                m.duration.labels(method).observe(time.perf_counter() - start)
-                m.requests.labels(method, code).inc()
+            async with self._call(method, request, context), contextlib.aclosing(fn(request, context)) as items:
+                async for item in items:
+                    yield item
 
         return behaviour

@@ -1,0 +1,161 @@
+"""The engine on its own: batched equals solo, arrivals share encoder passes, a failing job or run fails alone."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from serving.api.domain import DecodeParams, EncoderEvent, FinishEvent, TokenEvent
+from serving.api.errors import DeadlineExceeded, Unavailable
+from serving.engine.engine import Engine, EngineConfig
+from serving.engine.jobs import BeamJob, EncodeJob, SequenceJob
+from serving.engine.runner import ModelRunner, RunnerConfig
+
+TEXTS = ["a", "hello", "qwertyui", "zz", "mnop", "abcdefg", "xyz", "b"]
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_repo):
+    r = ModelRunner(tiny_repo / "tiny" / "1", RunnerConfig(providers=("cpu",)))
+    r.warm_up()
+    return r
+
+
+def _seq(runner, text, **params) -> SequenceJob:
+    return SequenceJob(runner.tokenizer.encode(text), runner.shape, runner.tokenizer,
+                       params=DecodeParams(max_new_tokens=params.pop("max_new_tokens", 20), **params))
+
+
+async def _events(job) -> list:
+    out = []
+    try:
+        async for ev in Engine.events(job):
+            out.append(ev)
+            if isinstance(ev, EncoderEvent) and isinstance(job, EncodeJob):
+                break
+    except Exception as e:  # the job's error, as the API would raise it
+        out.append(e)
+    return out
+
+
+def _drive(runner, jobs_of, cfg=EngineConfig()):
+    """Start an engine, submit what `jobs_of(engine)` returns all at once, return (events per job, engine)."""
+    async def main():
+        engine = Engine(runner, cfg)
+        engine.start()
+        try:
+            jobs = jobs_of(engine)
+            for job in jobs:
+                engine.submit(job)
+            return await asyncio.gather(*(_events(j) for j in jobs)), engine
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+def _ids(events) -> list[int]:
+    return [e.id for e in events if isinstance(e, TokenEvent)]
+
+
+def test_jobs_stepped_together_get_their_solo_tokens(runner):
+    solo = [_ids(_drive(runner, lambda e, t=t: [_seq(runner, t)])[0][0]) for t in TEXTS]
+    together, engine = _drive(runner, lambda e: [_seq(runner, t) for t in TEXTS])
+    assert [_ids(ev) for ev in together] == solo
+    assert all(isinstance(ev[-1], FinishEvent) for ev in together)
+    assert engine.steps < sum(len(s) + 1 for s in solo)  # shared decoder steps
+    assert engine.encoder_passes == 1  # the arrivals were encoded in one padded pass
+
+
+def test_beam_groups_share_steps_with_sequences(runner):
+    beam = lambda: BeamJob(runner.tokenizer.encode("hello"), runner.shape, runner.tokenizer,  # noqa: E731
+                           params=DecodeParams(max_new_tokens=20), beam_size=3)
+    (alone,), solo_engine = _drive(runner, lambda e: [beam()])
+    mixed, engine = _drive(runner, lambda e: [_seq(runner, "abc"), beam(), _seq(runner, "qwerty")])
+    # all three arrived together and shared every decoder step: as many steps as the longest of them alone
+    assert engine.steps == max(solo_engine.steps, len(_ids(mixed[0])) + 1, len(_ids(mixed[2])) + 1)
+    assert _ids(mixed[1]) == _ids(alone) and mixed[1][-1].score == pytest.approx(alone[-1].score, abs=1e-5)
+    assert mixed[1][-1].score is not None
+
+
+def test_a_job_that_fails_in_its_output_fails_alone(runner):
+    class Broken(SequenceJob):
+        def stepped(self, step, first):
+            if len(self.tokens) == 1:
+                raise RuntimeError("output processing broke")
+            return super().stepped(step, first)
+
+    solo = [_ids(_drive(runner, lambda e, t=t: [_seq(runner, t)])[0][0]) for t in TEXTS[:4]]
+    broken = Broken(runner.tokenizer.encode("hello"), runner.shape, runner.tokenizer,
+                    params=DecodeParams(max_new_tokens=20))
+    results, _ = _drive(runner, lambda e: [_seq(runner, t) for t in TEXTS[:2]] + [broken] +
+                        [_seq(runner, t) for t in TEXTS[2:4]])
+    assert isinstance(results[2][-1], RuntimeError)
+    assert [_ids(r) for i, r in enumerate(results) if i != 2] == solo
+
+
+def test_a_batched_run_that_raises_is_retried_one_by_one(runner):
+    """Only the request whose own run fails gets the error (here: any run with an 8-token source raises)."""
+    run = runner.run_decoder
+
+    def picky(feeds, attention):
+        if feeds["src_mask"].shape[1] == 8:
+            raise ValueError("this source breaks the graph")
+        return run(feeds, attention)
+
+    solo = [_ids(_drive(runner, lambda e, t=t: [_seq(runner, t)])[0][0]) for t in ("abc", "hello")]
+    runner.run_decoder = picky
+    try:
+        results, _ = _drive(runner, lambda e: [_seq(runner, "abc"), _seq(runner, "qwertyui"), _seq(runner, "hello")])
+    finally:
+        del runner.run_decoder
+    assert isinstance(results[1][-1], ValueError)
+    assert [_ids(results[0]), _ids(results[2])] == solo
+
+
+def test_encode_jobs_are_batched_and_equal_solo(runner):
+    def encode(text):
+        return EncodeJob(runner.tokenizer.encode(text), runner.shape, runner.tokenizer)
+
+    solo = [_drive(runner, lambda e, t=t: [encode(t)])[0][0][0] for t in TEXTS]
+    together, engine = _drive(runner, lambda e: [encode(t) for t in TEXTS])
+    assert engine.encoder_passes == 1 and engine.steps == 0
+    for ev, ref in zip(together, solo, strict=True):
+        np.testing.assert_allclose(ev[0].hidden_states, ref.hidden_states, atol=1e-5)
+        np.testing.assert_array_equal(ev[0].embeddings, ref.embeddings)
+
+
+def test_rows_budget_admits_in_order_and_a_wide_job_alone(runner):
+    engine = Engine(runner, EngineConfig(max_batch=4))
+
+    def job(width):
+        if width == 1:
+            return _seq(runner, "abc")
+        return BeamJob([4], runner.shape, runner.tokenizer, params=DecodeParams(max_new_tokens=5), beam_size=width)
+
+    engine.waiting.extend([job(3), job(1), job(1), job(8)])
+    first = engine._take()
+    assert [j.width for j in first] == [3, 1]  # 4 rows; the next one waits, order kept
+    engine.active = first
+    assert engine._take() == []
+    engine.active = []
+    assert [j.width for j in engine._take()] == [1]  # the 8-wide beam waits behind it
+    assert [j.width for j in engine._take()] == [8]  # then runs alone, wider than max_batch
+
+
+def test_expired_jobs_get_deadline_exceeded_and_a_closed_engine_refuses(runner):
+    async def main():
+        engine = Engine(runner)
+        engine.start()
+        late = _seq(runner, "hello")
+        late.deadline = time.monotonic() - 1
+        engine.submit(late)
+        events = await _events(late)
+        await engine.close()
+        with pytest.raises(Unavailable, match="unloaded"):
+            engine.submit(_seq(runner, "abc"))
+        return events
+
+    events = asyncio.run(main())
+    assert len(events) == 1 and isinstance(events[0], DeadlineExceeded)
