@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ..api.domain import FinishEvent
 from ..api.errors import DeadlineExceeded, LimitExceeded, ServingError, Unavailable
-from .feeds import decoder_feeds
+from .feeds import SourceBatch, decoder_feeds
 from .jobs import Job, StepOutput
 from .runner import ModelRunner
 
@@ -45,6 +45,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.dead: BaseException | None = None
+        self._sources = {False: SourceBatch(), True: SourceBatch()}  # per decoder graph
         self.steps = 0  # decoder steps run, for tests and metrics
         self.encoder_passes = 0
 
@@ -215,7 +216,7 @@ class Engine:
         names = self.runner.decoder_inputs(attention)
 
         def run(group: list[Job]) -> None:
-            feeds, P = decoder_feeds([row for job in group for row in job.rows], names)
+            feeds, P = decoder_feeds([row for job in group for row in job.rows], names, self._sources[attention])
             step = StepOutput(self.runner.run_decoder(feeds, attention), P, 0.0)
             self.steps += 1
             step.now = time.monotonic()

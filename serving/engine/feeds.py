@@ -76,27 +76,49 @@ def _stacked(rows: Sequence[Row], attr: str, length: Callable[[Row], int], width
     return out
 
 
-def _padded(rows: Sequence[Row]) -> dict[str, np.ndarray]:
-    n = len(rows)
+class SourceBatch:
+    """The padded cross keys/values and source mask of the last multi-row step, reused while its rows' sources are
+    the same objects in the same order (most steps of continuous batching, every step of a beam group): a
+    request's source never changes while it decodes, so neither does this part of the feeds."""
+
+    def __init__(self) -> None:
+        self._sources: tuple[np.ndarray, ...] = ()
+        self._feeds: dict[str, np.ndarray] = {}
+
+    def feeds(self, rows: Sequence[Row]) -> dict[str, np.ndarray]:
+        sources = tuple(r.cross_k for r in rows)
+        if len(sources) != len(self._sources) or any(a is not b for a, b in zip(sources, self._sources, strict=True)):
+            self._sources, self._feeds = sources, _source_feeds(rows)
+        return self._feeds
+
+
+def _source_feeds(rows: Sequence[Row]) -> dict[str, np.ndarray]:
     S = max(r.src_len for r in rows)
+    src_mask = np.zeros((len(rows), S), bool)  # (B, S): right-padded sources
+    for i, r in enumerate(rows):
+        src_mask[i, : r.src_len] = True
+    return {"cross_k": _stacked(rows, "cross_k", Row.src_len.fget, S, left=False),
+            "cross_v": _stacked(rows, "cross_v", Row.src_len.fget, S, left=False), "src_mask": src_mask}
+
+
+def _padded(rows: Sequence[Row], sources: SourceBatch | None) -> dict[str, np.ndarray]:
     P = max(r.past for r in rows)
-    self_mask = np.zeros((n, P + 1), bool)  # (B, P + 1): the cached keys, left-padded, and the new token's own
-    src_mask = np.zeros((n, S), bool)  # (B, S): right-padded sources
+    self_mask = np.zeros((len(rows), P + 1), bool)  # (B, P + 1): the cached keys, left-padded, and the new token's
     for i, r in enumerate(rows):
         self_mask[i, P - r.past:] = True
-        src_mask[i, : r.src_len] = True
     return {"input_ids": np.array([r.next_token for r in rows], np.int64),
             "positions": np.array([r.past for r in rows], np.int64), "self_mask": self_mask,
             "past_k": _stacked(rows, "past_k", Row.past.fget, P, left=True),
             "past_v": _stacked(rows, "past_v", Row.past.fget, P, left=True),
-            "cross_k": _stacked(rows, "cross_k", Row.src_len.fget, S, left=False),
-            "cross_v": _stacked(rows, "cross_v", Row.src_len.fget, S, left=False), "src_mask": src_mask}
+            **(sources.feeds(rows) if sources is not None else _source_feeds(rows))}
 
 
-def decoder_feeds(rows: Sequence[Row], names: Sequence[str]) -> tuple[dict[str, np.ndarray], int]:
+def decoder_feeds(rows: Sequence[Row], names: Sequence[str],
+                  sources: SourceBatch | None = None) -> tuple[dict[str, np.ndarray], int]:
     """The decoder step's inputs for `rows` (only those the graph declares) and the padded past length P.
+    `sources` keeps the source part of the feeds from one step to the next (the engine has one per graph).
 
     Row i's cache sits at offset P - rows[i].past in the step's `present_k/v` and self-attention keys.
     """
-    built = _single(rows[0]) if len(rows) == 1 else _padded(rows)
+    built = _single(rows[0]) if len(rows) == 1 else _padded(rows, sources)
     return {name: built[name] for name in names}, max(r.past for r in rows)

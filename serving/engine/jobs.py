@@ -204,17 +204,18 @@ class BeamJob(Job):
         logp = log_softmax(logits)  # (n, V)
         scores = np.array([h.score for h in self.hypotheses])[:, None] + logp  # (n, V)
         V = logp.shape[1]
-        attention = [self._step_attention(step, first + b, self.rows[b]) if self.decoder_attention else []
-                     for b in range(n)]
+        attention = [self._step_attention(step, first + b, self.rows[b]) for b in range(n)] \
+            if self.decoder_attention else None
         survivors: list[Hypothesis] = []
         rows: list[Row] = []
         for f in np.argsort(-scores.ravel(), kind="stable")[: 2 * k]:
             b, tok = divmod(int(f), V)
             parent = self.hypotheses[b]
             hyp = Hypothesis([*parent.tokens, tok], [*parent.logprobs, float(logp[b, tok])], float(scores[b, tok]),
-                             [*parent.attention, attention[b]])
+                             [*parent.attention, attention[b]] if attention else parent.attention)
             if tok == self.shape.eos_id:
-                ended = Hypothesis(hyp.tokens[:-1], hyp.logprobs[:-1], hyp.score, hyp.attention[:-1])
+                ended = Hypothesis(hyp.tokens[:-1], hyp.logprobs[:-1], hyp.score,
+                                   hyp.attention[:-1] if attention else hyp.attention)
                 self.finished.append((ended, self._normalised(hyp.score, len(hyp.tokens)), "eos"))
             else:
                 cut = -1
