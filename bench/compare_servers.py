@@ -54,6 +54,8 @@ def calls(max_new_tokens: int) -> dict[str, Callable]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", type=Path, required=True, help="the other checkout (e.g. a git worktree)")
+    p.add_argument("--after", type=Path, default=ROOT, help="the checkout to compare (default: this one); "
+                   "--after equal to --before measures the noise of the comparison itself")
     p.add_argument("--repo", type=Path, default=Path("models"))
     p.add_argument("--model", default="dates")
     p.add_argument("--rounds", type=int, default=100)
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ports = {"before": _free_port(), "after": _free_port()}
     procs = [_launch(args.before.resolve(), args.repo.resolve(), args.model, ports["before"]),
-             _launch(ROOT, args.repo.resolve(), args.model, ports["after"])]
+             _launch(args.after.resolve(), args.repo.resolve(), args.model, ports["after"])]
     try:
         for port in ports.values():
             for _ in range(150):
