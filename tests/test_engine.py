@@ -159,3 +159,29 @@ def test_expired_jobs_get_deadline_exceeded_and_a_closed_engine_refuses(runner):
 
     events = asyncio.run(main())
     assert len(events) == 1 and isinstance(events[0], DeadlineExceeded)
+
+
+def test_a_steady_batch_feeds_the_last_outputs_back_without_copying(runner):
+    from serving.engine.feeds import Row, decoder_feeds
+
+    names = runner.decoder_inputs(False)
+    enc = runner.run_encoder([runner.tokenizer.encode(t) for t in ("abc", "hello", "qwertyui")], False)
+    rows = [Row.start(enc["cross_k"][:, i:i + 1, :, :n], enc["cross_v"][:, i:i + 1, :, :n], runner.bos_id)
+            for i, n in enumerate((3, 5, 8))]
+    rows[1].past_k = rows[1].past_v = np.ones((2, 1, 4, 2, 8), np.float32)  # a row two steps further on
+    feeds, P = decoder_feeds(rows, names)
+    out = runner.run_decoder(feeds, False)
+    for i, row in enumerate(rows):
+        row.advance(out, i, P, 5)
+    steady, _ = decoder_feeds(rows, names)
+    assert steady["past_k"] is out["present_k"] and steady["past_v"] is out["present_v"]  # no copy at all
+
+    def generic(rs):  # the same rows without their home: built by padding each cache
+        return decoder_feeds([Row(r.cross_k, r.cross_v, r.past_k, r.past_v, r.next_token) for r in rs], names)[0]
+
+    for subset in ([rows[0], rows[2]], [rows[2], rows[0], rows[1]]):  # the longest left; a reordering
+        fed, _ = decoder_feeds(subset, names)
+        ref = generic(subset)
+        assert set(fed) == set(ref)
+        for name in fed:
+            np.testing.assert_array_equal(fed[name], ref[name])

@@ -23,12 +23,21 @@ class Row:
     past_k: np.ndarray  # (L, 1, nh, P, hs)
     past_v: np.ndarray
     next_token: int
+    home: dict[str, np.ndarray] | None = None  # the step outputs its cache lives in (present_k/v), if any
+    home_index: int = -1  # its row there
 
     @classmethod
     def start(cls, cross_k: np.ndarray, cross_v: np.ndarray, bos_id: int) -> Row:
         L, _, nh, _, hs = cross_k.shape
         empty = np.zeros((L, 1, nh, 0, hs), cross_k.dtype)  # (L, 1, nh, 0, hs): nothing decoded yet
         return cls(cross_k, cross_v, empty, empty, bos_id)
+
+    def advance(self, out: dict[str, np.ndarray], i: int, P: int, token: int) -> None:
+        """Row i of a step with padded past length P becomes this row's cache (views, no copy); feed `token`."""
+        offset = P - self.past
+        self.past_k = out["present_k"][:, i:i + 1, :, offset:]  # (L, 1, nh, past+1, hs)
+        self.past_v = out["present_v"][:, i:i + 1, :, offset:]
+        self.home, self.home_index, self.next_token = out, i, token
 
     @property
     def past(self) -> int:
@@ -101,15 +110,32 @@ def _source_feeds(rows: Sequence[Row]) -> dict[str, np.ndarray]:
             "cross_v": _stacked(rows, "cross_v", Row.src_len.fget, S, left=False), "src_mask": src_mask}
 
 
+def _past_from_home(rows: Sequence[Row], P: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The batch's caches taken straight from the last step's outputs, when every row lives there: the present
+    arrays as they are (the same rows in the same order: no copy at all), or trimmed of leading padding and
+    gathered by row (rows left or beams were reordered: one copy). None when a row lives elsewhere (a new one)."""
+    home = rows[0].home
+    if home is None or any(r.home is not home for r in rows):
+        return None
+    pk, pv = home["present_k"], home["present_v"]  # (L, B', nh, P' + 1, hs), every row's cache right-aligned
+    width = pk.shape[3]
+    if width > P:  # columns that are padding for every remaining row
+        pk, pv = pk[:, :, :, width - P:], pv[:, :, :, width - P:]  # (L, B', nh, P, hs)
+    index = [r.home_index for r in rows]
+    if index != list(range(pk.shape[1])):
+        pk, pv = pk[:, index], pv[:, index]  # (L, B, nh, P, hs)
+    return pk, pv
+
+
 def _padded(rows: Sequence[Row], sources: SourceBatch | None) -> dict[str, np.ndarray]:
-    P = max(r.past for r in rows)
-    self_mask = np.zeros((len(rows), P + 1), bool)  # (B, P + 1): the cached keys, left-padded, and the new token's
-    for i, r in enumerate(rows):
-        self_mask[i, P - r.past:] = True
-    return {"input_ids": np.array([r.next_token for r in rows], np.int64),
-            "positions": np.array([r.past for r in rows], np.int64), "self_mask": self_mask,
-            "past_k": _stacked(rows, "past_k", Row.past.fget, P, left=True),
-            "past_v": _stacked(rows, "past_v", Row.past.fget, P, left=True),
+    pasts = np.array([r.past for r in rows], np.int64)  # (B,)
+    P = int(pasts.max())
+    self_mask = np.arange(P + 1) >= (P - pasts)[:, None]  # (B, P + 1): left-padded cache, then the new token
+    cached = _past_from_home(rows, P)
+    past_k, past_v = cached if cached is not None else (_stacked(rows, "past_k", Row.past.fget, P, left=True),
+                                                       _stacked(rows, "past_v", Row.past.fget, P, left=True))
+    return {"input_ids": np.array([r.next_token for r in rows], np.int64), "positions": pasts,
+            "self_mask": self_mask, "past_k": past_k, "past_v": past_v,
             **(sources.feeds(rows) if sources is not None else _source_feeds(rows))}
 
 

@@ -98,13 +98,6 @@ class Job:
         """Take rows first..first+len(self.rows) of a decoder step; returns the events it gives."""
         raise NotImplementedError
 
-    def _advance_row(self, row: Row, step: StepOutput, i: int, token: int) -> None:
-        """Row i of the step becomes `row`'s new cache, feeding `token` next."""
-        offset = step.P - row.past
-        row.past_k = step.out["present_k"][:, i:i + 1, :, offset:]  # (L, 1, nh, past+1, hs)
-        row.past_v = step.out["present_v"][:, i:i + 1, :, offset:]
-        row.next_token = token
-
     def _step_attention(self, step: StepOutput, i: int, row: Row) -> list[AttentionSlice]:
         spec, n = self.attention, self.shape.n_decoder_layers
         slices = []
@@ -143,7 +136,7 @@ class SequenceJob(Job):
         if token == self.shape.eos_id:
             return [self._finish("eos", len(self.tokens), self.text, step.now, self.first_token)]
         attention = self._step_attention(step, first, row) if self.decoder_attention else []
-        self._advance_row(row, step, first, token)
+        row.advance(step.out, first, step.P, token)
         before = self.text
         self.tokens.append(token)
         self.text = self.tokenizer.decode(self.tokens)
@@ -227,7 +220,7 @@ class BeamJob(Job):
                     self.finished.append((hyp, self._normalised(hyp.score, len(hyp.tokens)), "stop"))
                 else:
                     row = Row(self.rows[b].cross_k, self.rows[b].cross_v, self.rows[b].past_k, self.rows[b].past_v, 0)
-                    self._advance_row(row, step, first + b, tok)
+                    row.advance(step.out, first + b, step.P, tok)
                     survivors.append(hyp)
                     rows.append(row)
             if len(survivors) == k:
