@@ -178,3 +178,19 @@ def test_calls_are_counted_per_graph(tiny_repo, sources):
     assert runner.calls == Counter({"encoder": 2, "encoder_attn": 1, "decoder": 1})
     runner.warm_up()
     assert runner.calls == Counter({"encoder": 3, "encoder_attn": 2, "decoder": 2, "decoder_attn": 1})
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_incremental_detokenizing_equals_decoding_the_whole_output(kind):
+    from model_src.tokenizer import BPETokenizer, CharTokenizer
+    from serving.engine.tokenizer import ServingTokenizer
+
+    texts = ["the cat sat on the mat", "a dog, a log; 3 mars 2021", "über straße"] * 20
+    made = CharTokenizer.from_texts(texts) if kind == "char" else BPETokenizer.from_texts(texts, vocab_size=120)
+    tok = ServingTokenizer(made.to_dict())
+    for text in texts[:3]:
+        ids = [1, *tok.encode(text), 2, 3]  # specials (bos, eos, unk) add no text
+        built = ""
+        for n in range(1, len(ids) + 1):
+            built = tok.extend(built, ids[:n])
+            assert built == tok.decode(ids[:n])

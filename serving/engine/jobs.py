@@ -139,7 +139,7 @@ class SequenceJob(Job):
         row.advance(step.out, first, step.P, token)
         before = self.text
         self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens)
+        self.text = self.tokenizer.extend(self.text, self.tokens)
         index = len(self.tokens) - 1
         for stop in p.stop:
             cut = self.text.find(stop)

@@ -43,6 +43,14 @@ class ServingTokenizer:
             return self._hf.decode(ids)
         return "".join(self.vocab[i] for i in ids)
 
+    def extend(self, text: str, ids: list[int]) -> str:
+        """The decoded text once `ids[-1]` joins `ids[:-1]`, whose text is `text`: one lookup for characters;
+        BPE pieces can merge with what came before, so those decode the whole output again."""
+        if self._hf is not None:
+            return self.decode(ids)
+        last = ids[-1]
+        return text + self.vocab[last] if N_SPECIALS <= last < len(self.vocab) else text
+
     def token_strings(self, ids: list[int]) -> list[str]:
         """Display strings of each id, e.g. for heatmap axes."""
         if self._hf is not None:
