@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from model_repository import RepositoryError, read_manifest
+from model_repository import RepositoryError, open_version
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -49,7 +49,7 @@ def export_main(argv: list[str] | None = None) -> int:
     except (CheckpointError, RepositoryError, ValidationError) as e:
         print(f"attnserve export: error: {e}\nnothing was published", file=sys.stderr)
         return 1
-    report = read_manifest(final)["validation"]
+    report = open_version(final, verify_checksums=False).validation
     d = report["parity"]["max_abs_diff"]
     print(f"parity: logits {d['logits']:.2e}, attention {d['attention']:.2e}, row sums {d['row_sum']:.2e}; "
           f"greedy identical on {report['greedy']['identical']}/{report['greedy']['inputs']} held-out inputs")
@@ -74,7 +74,7 @@ def inspect_main(argv: list[str] | None = None) -> int:
     p.add_argument("version_dir", type=Path, help="models/NAME/VERSION")
     args = p.parse_args(argv)
     try:
-        manifest = read_manifest(args.version_dir)
+        manifest = open_version(args.version_dir, verify_checksums=False)
     except RepositoryError as e:
         print(f"attnserve inspect: error: {e}", file=sys.stderr)
         return 2
@@ -82,17 +82,17 @@ def inspect_main(argv: list[str] | None = None) -> int:
 
     from .blocks import expected_blocks, find_blocks
 
-    cfg = manifest["model_config"]
+    cfg, shape = manifest.model_config, manifest.model
     found, problems = [], []
-    for name, meta in manifest["graphs"].items():
-        blocks = find_blocks(onnx.load(str(args.version_dir / meta["file"])), name, cfg["d_model"] // cfg["n_heads"])
+    for name, graph in manifest.graphs.items():
+        blocks = find_blocks(onnx.load(str(manifest.file(graph.file))), name, shape.head_dim)
         want = expected_blocks(cfg, name)
         if len(blocks) != want:
             problems.append(f"{name}: {len(blocks)} attention blocks in the graph, config implies {want}")
-        problems += [f"{name}: {b.block} has {b.heads} heads, config says {cfg['n_heads']}"
-                     for b in blocks if b.heads != cfg["n_heads"]]
+        problems += [f"{name}: {b.block} has {b.heads} heads, config says {shape.n_heads}"
+                     for b in blocks if b.heads != shape.n_heads]
         found += [b.to_dict() for b in blocks]
-    print(f"{manifest['name']} v{manifest['version']} ({manifest['precision']}, opset {manifest['opset']}): "
+    print(f"{manifest.name} v{manifest.version} ({manifest.precision}, opset {manifest.opset}): "
           f"{len(found)} attention blocks")
     print(format_blocks({"attention_blocks": found}))
     for problem in problems:

@@ -28,16 +28,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from model_repository import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS
 from model_src.model import Seq2SeqTransformer
 
 log = logging.getLogger(__name__)
 
-ENCODER_INPUTS = ["src_ids", "src_mask"]
-ENCODER_OUTPUTS = ["cross_k", "cross_v"]
-ENCODER_ATTN_OUTPUTS = ["enc_self_attn", "embeddings", "hidden_states"]
-DECODER_INPUTS = ["input_ids", "positions", "self_mask", "past_k", "past_v", "cross_k", "cross_v", "src_mask"]
-DECODER_OUTPUTS = ["logits", "present_k", "present_v"]
-DECODER_ATTN_OUTPUTS = ["dec_self_attn", "cross_attn"]
 
 
 @dataclass(frozen=True)
@@ -47,12 +42,7 @@ class GraphSpec:
     outputs: list[str]
 
 
-GRAPHS = {
-    "encoder": GraphSpec("encoder", ENCODER_INPUTS, ENCODER_OUTPUTS),
-    "encoder_attn": GraphSpec("encoder_attn", ENCODER_INPUTS, ENCODER_OUTPUTS + ENCODER_ATTN_OUTPUTS),
-    "decoder": GraphSpec("decoder", DECODER_INPUTS, DECODER_OUTPUTS),
-    "decoder_attn": GraphSpec("decoder_attn", DECODER_INPUTS, DECODER_OUTPUTS + DECODER_ATTN_OUTPUTS),
-}
+GRAPHS = {name: GraphSpec(name, list(GRAPH_INPUTS[name]), list(GRAPH_OUTPUTS[name])) for name in GRAPH_NAMES}
 
 
 class EncoderGraph(nn.Module):

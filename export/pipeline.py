@@ -15,11 +15,12 @@ from pathlib import Path
 import onnx
 
 from model_repository import (
+    VersionError,
     discard,
     list_versions,
+    open_version,
     prepare,
     publish,
-    read_manifest,
     sha256_file,
     version_dir,
     write_manifest,
@@ -82,12 +83,16 @@ def up_to_date(repo: Path, name: str, checkpoint: Path, quantize: str | None) ->
     if not existing:
         return None
     latest = version_dir(repo, name, existing[-1])
-    manifest = read_manifest(latest)
     try:
-        same = (manifest.get("source_checkpoint") or {}).get("sha256") == _checkpoint_hash(checkpoint)
+        manifest = open_version(latest, verify_checksums=False)
+    except VersionError as e:  # a broken latest version is not "up to date": export a new one beside it
+        log.warning("the latest version breaks a rule of the repository, exporting anew: %s", e)
+        return None
+    try:
+        same = (manifest.source_checkpoint or {}).get("sha256") == _checkpoint_hash(checkpoint)
     except OSError:  # an incomplete checkpoint: let the export itself report it
         return None
-    return latest if same and manifest.get("precision") == (quantize or "fp32") else None
+    return latest if same and manifest.precision == (quantize or "fp32") else None
 
 
 def _held_out(config: dict, tok, vocab: int, n: int, seed: int) -> list[tuple[list[int], list[int]]]:

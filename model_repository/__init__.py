@@ -13,7 +13,11 @@ from .layout import (
 )
 from .manifest import (
     BLOCK_KINDS,
+    DECODER_INPUTS,
+    ENCODER_INPUTS,
+    GRAPH_INPUTS,
     GRAPH_NAMES,
+    GRAPH_OUTPUTS,
     AttentionBlock,
     GraphSpec,
     Manifest,
@@ -25,7 +29,8 @@ from .manifest import (
 from .publish import discard, prepare, publish, write_manifest
 
 __all__ = [
-    "BLOCK_KINDS", "FORMAT_VERSION", "GRAPH_NAMES", "MANIFEST", "AttentionBlock", "GraphSpec", "Manifest",
+    "BLOCK_KINDS", "DECODER_INPUTS", "ENCODER_INPUTS", "FORMAT_VERSION", "GRAPH_INPUTS", "GRAPH_NAMES",
+    "GRAPH_OUTPUTS", "MANIFEST", "AttentionBlock", "GraphSpec", "Manifest",
     "ModelShape", "RepositoryError", "TensorSpec", "VersionError", "discard", "list_models", "list_versions",
     "open_version", "parse_version", "prepare", "publish", "read_manifest", "sha256_file", "version_dir",
     "write_manifest",

@@ -14,7 +14,6 @@ FORMAT_VERSION = 1
 MAX_VERSION = 2**63 - 1  # versions travel as int64 on the wire
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() accepts "²", which int() then refuses
-_warned: set[Path] = set()  # paths already logged as ignored: a scan every few seconds logs each once
 
 
 class RepositoryError(RuntimeError):
@@ -50,23 +49,27 @@ def check_name(name: str) -> None:
 
 
 def parse_version(name: str) -> int | None:
-    """The version a folder name stands for (ASCII digits, 1..2**63-1), else None; "007" is 7."""
+    """The number a folder name stands for (ASCII digits, 1..2**63-1), else None. "007" parses as 7, but
+    `list_versions` ignores it: a version folder is named without leading zeros, so each number has one folder."""
     if not _DIGITS.fullmatch(name) or len(name.lstrip("0")) > len(str(MAX_VERSION)):
         return None  # the length test also keeps int() clear of its limit on very long digit strings
     value = int(name)
     return value if 1 <= value <= MAX_VERSION else None
 
 
-def _ignore(path: Path, rule: str, why: str) -> None:
-    if path not in _warned:
-        _warned.add(path)
+def _ignore(path: Path, rule: str, why: str, warned: set[Path] | None) -> None:
+    if warned is None:
+        log.debug("ignoring %s in the model repository: %s (rule: %s)", path, why, rule)
+    elif path not in warned:
+        warned.add(path)
         log.warning("ignoring %s in the model repository: %s (rule: %s)", path, why, rule)
 
 
-def list_versions(repo: Path, name: str) -> list[int]:
+def list_versions(repo: Path, name: str, warned: set[Path] | None = None) -> list[int]:
     """The published versions of `name`, ascending: folders named by their number that hold a manifest.
 
-    Anything else in the model folder is logged once and ignored; hidden entries (".staging-*") silently.
+    Anything else in the model folder is ignored: logged as a warning once per path in `warned` (a server that
+    scans every few seconds keeps one set), at debug level without it. Hidden entries (".staging-*") silently.
     """
     model_dir = Path(repo) / name
     if not valid_name(name) or not model_dir.is_dir():
@@ -77,19 +80,20 @@ def list_versions(repo: Path, name: str) -> list[int]:
             continue
         version = parse_version(entry.name)
         if version is None:
-            _ignore(entry, "version-name", f"a version folder is named by an integer 1..{MAX_VERSION}")
+            _ignore(entry, "version-name", f"a version folder is named by an integer 1..{MAX_VERSION}", warned)
         elif entry.name != str(version):
-            _ignore(entry, "version-name", f"a version folder is named without leading zeros ({version})")
+            _ignore(entry, "version-name", f"a version folder is named without leading zeros ({version})", warned)
         elif not entry.is_dir():
-            _ignore(entry, "version-name", "a version is a folder, this is a file")
+            _ignore(entry, "version-name", "a version is a folder, this is a file", warned)
         elif not (entry / MANIFEST).is_file():
-            _ignore(entry, "manifest", f"no {MANIFEST} (the last file a version gets; a copy may be in progress)")
+            _ignore(entry, "manifest", f"no {MANIFEST} (the last file a version gets; a copy may be in progress)",
+                    warned)
         else:
             found.append(version)
     return sorted(found)
 
 
-def list_models(repo: Path) -> list[str]:
+def list_models(repo: Path, warned: set[Path] | None = None) -> list[str]:
     """The models of the repository, by name: its non-hidden folders that hold at least one version."""
     repo = Path(repo)
     if not repo.is_dir():
@@ -99,8 +103,8 @@ def list_models(repo: Path) -> list[str]:
         if entry.name.startswith(".") or not entry.is_dir():
             continue
         if not valid_name(entry.name):
-            _ignore(entry, "model-name", "a model name is letters, digits, '_', '-', '.' (max 64)")
-        elif list_versions(repo, entry.name):
+            _ignore(entry, "model-name", "a model name is letters, digits, '_', '-', '.' (max 64)", warned)
+        elif list_versions(repo, entry.name, warned):
             names.append(entry.name)
     return names
 

@@ -10,6 +10,17 @@ from typing import Any, NoReturn
 from .layout import FORMAT_VERSION, MANIFEST, MAX_VERSION, VersionError, contained, parse_version, sha256_file
 
 GRAPH_NAMES = ("encoder", "encoder_attn", "decoder", "decoder_attn")
+# The graphs' contract between export (which writes these names) and serving (which feeds and reads them).
+ENCODER_INPUTS = ("src_ids", "src_mask")
+DECODER_INPUTS = ("input_ids", "positions", "self_mask", "past_k", "past_v", "cross_k", "cross_v", "src_mask")
+GRAPH_INPUTS = {"encoder": ENCODER_INPUTS, "encoder_attn": ENCODER_INPUTS, "decoder": DECODER_INPUTS,
+                "decoder_attn": DECODER_INPUTS}
+GRAPH_OUTPUTS = {
+    "encoder": ("cross_k", "cross_v"),
+    "encoder_attn": ("cross_k", "cross_v", "enc_self_attn", "embeddings", "hidden_states"),
+    "decoder": ("logits", "present_k", "present_v"),
+    "decoder_attn": ("logits", "present_k", "present_v", "dec_self_attn", "cross_attn"),
+}
 BLOCK_KINDS = ("encoder_self", "decoder_self", "cross")
 _MISSING: Any = object()
 _SHA256 = frozenset("0123456789abcdef")
@@ -291,6 +302,10 @@ def _same(relative: str) -> str:
 def check_folder(manifest: Manifest, verify_checksums: bool) -> None:
     """The manifest against its folder: version number, containment, every used file listed, sha256."""
     folder = manifest.path.parent
+    if not folder.name.startswith(".") and folder.parent.name != manifest.name:  # a staging folder: checked later
+        raise VersionError(manifest.path, "name-mismatch",
+                           f"the manifest says model {manifest.name!r} but the folder is {folder.parent.name!r}; "
+                           "export under the name it is served by instead of renaming the folder")
     number = parse_version(folder.name)
     if number is not None and number != manifest.version:
         raise VersionError(manifest.path, "version-mismatch",

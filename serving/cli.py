@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .api.domain import Limits
+from .domain import Limits
 from .engine.runner import RunnerConfig
 from .frontends.server import ServerConfig, serve
 
@@ -66,7 +66,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 def serve_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .api.errors import ServingError
+    from .errors import ServingError
 
     try:
         return asyncio.run(serve(config_from_args(args)))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
-from serving.api.domain import Limits
+from serving.domain import Limits
 from serving.frontends.server import App, ServerConfig, create_server
 
 

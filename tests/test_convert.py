@@ -9,7 +9,8 @@ import pytest
 
 from model_repository import open_version
 from protos import attnserve_v1_pb2 as pb
-from serving.api.domain import (
+from serving.api.validation import model_limits, resolve_params
+from serving.domain import (
     AttentionSlice,
     AttentionSpec,
     DecodeOptions,
@@ -22,7 +23,7 @@ from serving.api.domain import (
     Source,
     TokenEvent,
 )
-from serving.api.errors import (
+from serving.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidRequest,
@@ -32,7 +33,6 @@ from serving.api.errors import (
     PermissionDenied,
     Unavailable,
 )
-from serving.api.validation import model_limits, resolve_params
 from serving.frontends.convert import (
     attention_from_pb,
     attention_to_pb,

@@ -6,11 +6,11 @@ import time
 import numpy as np
 import pytest
 
-from serving.api.domain import DecodeParams, EncoderEvent, FinishEvent, TokenEvent
-from serving.api.errors import DeadlineExceeded, Unavailable
-from serving.engine.engine import Engine, EngineConfig
+from serving.domain import DecodeParams, EncoderEvent, FinishEvent, TokenEvent
+from serving.engine.engine import Engine, EngineClosed, EngineConfig
 from serving.engine.jobs import BeamJob, EncodeJob, SequenceJob
 from serving.engine.runner import ModelRunner, RunnerConfig
+from serving.errors import DeadlineExceeded, Unavailable
 
 TEXTS = ["a", "hello", "qwertyui", "zz", "mnop", "abcdefg", "xyz", "b"]
 
@@ -185,3 +185,50 @@ def test_a_steady_batch_feeds_the_last_outputs_back_without_copying(runner):
         assert set(fed) == set(ref)
         for name in fed:
             np.testing.assert_array_equal(fed[name], ref[name])
+
+
+def test_an_engine_dying_mid_step_answers_every_job_it_holds(runner):
+    """A fault escaping the per-job handling (here in the decoder step, after an encoder pass) kills the engine:
+    what the step had produced still arrives, every unfinished job gets UNAVAILABLE, nothing hangs."""
+    class Fault(BaseException):
+        pass
+
+    def broken(feeds, attention):
+        raise Fault("the session is gone")
+
+    async def main():
+        engine = Engine(runner)
+        engine.start()
+        runner.run_decoder = broken
+        try:
+            jobs = [_seq(runner, "hello"), EncodeJob([4, 5], runner.shape, runner.tokenizer), _seq(runner, "ab")]
+            for job in jobs:
+                engine.submit(job)
+            results = await asyncio.wait_for(asyncio.gather(*(_events(j) for j in jobs)), 10)
+            with pytest.raises(Unavailable, match="restarting"):
+                engine.submit(_seq(runner, "abc"))
+            return results, engine
+        finally:
+            del runner.run_decoder
+
+    (first, encoded, last), engine = asyncio.run(main())
+    assert isinstance(encoded[0], EncoderEvent)  # finished before the fault: delivered
+    for events in (first, last):
+        assert isinstance(events[-1], Unavailable) and "engine failed (Fault)" in str(events[-1])
+    assert isinstance(engine.dead, Fault)
+
+
+def test_a_retired_engine_finishes_what_it_holds_and_takes_nothing_new(runner):
+    async def main():
+        engine = Engine(runner)
+        engine.start()
+        job = engine.submit(_seq(runner, "hello"))
+        engine.retire()
+        with pytest.raises(EngineClosed):
+            engine.submit(_seq(runner, "abc"))
+        events = await asyncio.wait_for(_events(job), 10)
+        await engine.close()
+        return events, engine
+
+    events, engine = asyncio.run(main())
+    assert isinstance(events[-1], FinishEvent) and engine.stopped and engine.dead is None

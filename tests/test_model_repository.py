@@ -60,9 +60,11 @@ def test_odd_entries_are_ignored_and_logged_once(tmp_path, caplog):
     (model / "3").write_text("a file, not a folder")
     caplog.set_level(logging.WARNING, logger="model_repository")
 
-    assert list_versions(tmp_path, "m") == [1, 12]
-    assert list_versions(tmp_path, "m") == [1, 12]  # a second scan logs nothing new
-    assert list_models(tmp_path) == ["m"]
+    warned: set = set()  # a server's scans share one set, so each odd entry is logged once
+    assert list_versions(tmp_path, "m", warned) == [1, 12]
+    assert list_versions(tmp_path, "m", warned) == [1, 12]  # a second scan logs nothing new
+    assert list_models(tmp_path, warned) == ["m"]
+    assert list_versions(tmp_path, "m") == [1, 12]  # without a set: debug level only
 
     odd = ["²", "99999999999999999999", "007", "abc", "4", "3"]
     for name in odd:
@@ -245,3 +247,10 @@ def test_the_package_needs_only_the_standard_library():
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_a_version_under_another_model_name_is_refused(repo):
+    shutil.move(repo / "tiny", repo / "renamed")
+    with pytest.raises(VersionError, match="manifest says model 'tiny' but the folder is 'renamed'") as e:
+        open_version(repo / "renamed" / "1")
+    assert e.value.rule == "name-mismatch"

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 
-from model_repository import GRAPH_NAMES, MANIFEST, open_version, sha256_file
-from serving.engine.feeds import DECODER_INPUTS, Row, decoder_feeds, encoder_feeds
+from model_repository import DECODER_INPUTS, GRAPH_NAMES, MANIFEST, open_version, sha256_file
+from serving.engine.feeds import Row, decoder_feeds, encoder_feeds
 from serving.engine.runner import ModelLoadError, ModelRunner, RunnerConfig
 
 CPU = RunnerConfig(providers=("cpu",))

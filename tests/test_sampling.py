@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from model_src.decoding import SamplingConfig, filter_logits
-from serving.api.domain import DecodeParams
-from serving.api.errors import ModelFailure
-from serving.engine.sampling import check_finite, choose, filtered_probs, log_softmax
+from serving.domain import DecodeParams
+from serving.engine.sampling import check_rows, choose, filtered_probs, log_softmax
+from serving.errors import ModelFailure
 
 VOCABS = (2, 7, 33, 500)
 
@@ -129,23 +129,39 @@ def test_samples_stay_inside_the_filtered_support_and_follow_its_distribution():
     np.testing.assert_allclose(counts / counts.sum(), filtered_probs(logits, params), atol=0.03)
 
 
-def test_check_finite_accepts_finite_logits():
-    check_finite(np.array([0.0, -1e30, 1e30], np.float32), step=0)
+def _rows(*rows):
+    logits = np.array(rows, np.float32)  # (n, V)
+    return log_softmax(logits), logits
 
 
-@pytest.mark.parametrize(("bad", "word"), [
-    (np.nan, "NaN"), (np.inf, "infinite"), (-np.inf, "infinite"),
-])
-def test_check_finite_names_what_is_wrong_and_the_step(bad, word):
+def test_check_rows_accepts_finite_logits_and_a_token_ruled_out():
+    check_rows(*_rows([0.0, -1e30, 1e30], [0.0, -np.inf, 1.0]), step=0)
+
+
+@pytest.mark.parametrize(("bad", "word"), [(np.nan, "NaN"), (np.inf, "infinite")])
+def test_check_rows_names_what_is_wrong_and_the_step(bad, word):
+    with pytest.raises(ModelFailure, match=rf"{word} logits .* output step 3"):
+        check_rows(*_rows([0.0] * 10, [0.0] * 4 + [bad] + [0.0] * 5), step=3)
+
+
+def test_check_rows_refuses_a_row_with_every_token_ruled_out():
+    with pytest.raises(ModelFailure):
+        check_rows(*_rows([0.0, 1.0], [-np.inf, -np.inf]), step=0)
+
+
+def test_check_rows_reports_nan_when_both_nan_and_inf_are_present():
+    with pytest.raises(ModelFailure, match="NaN"):
+        check_rows(*_rows([np.inf, np.nan, 0.0]), step=0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_greedy_and_sampled_choices_refuse_the_same_bad_logits(bad):
     logits = np.zeros(10, np.float32)
     logits[4] = bad
-    with pytest.raises(ModelFailure, match=rf"{word} logits .* output step 3"):
-        check_finite(logits, step=3)
+    for params, rng in ((DecodeParams(8), None), (DecodeParams(8, temperature=1.0), np.random.default_rng(0))):
+        with pytest.raises(ModelFailure, match="output step 2"):
+            choose(logits, params, rng, step=2)
 
-
-def test_check_finite_reports_nan_when_both_nan_and_inf_are_present():
-    with pytest.raises(ModelFailure, match="NaN"):
-        check_finite(np.array([np.inf, np.nan, 0.0]), step=0)
 
 
 @pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (5, 1.0), (0, 0.9), (5, 0.9)])

@@ -10,8 +10,8 @@ import torch
 from model_src.checkpoint import load_model
 from model_src.decoding import generate as torch_generate
 from protos import attnserve_v1_pb2 as pb
-from serving.api.domain import Limits
 from serving.client import AttnServeClient
+from serving.domain import Limits
 from serving.frontends.server import ServerConfig
 
 from .server_harness import ServerThread, start

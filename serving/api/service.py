@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 
 import numpy as np
 
-from ..engine.engine import Engine
-from ..engine.jobs import BeamJob, EncodeJob, Job, SequenceJob
-from ..engine.registry import ModelRegistry, ServedModel
-from ..metrics import Metrics
-from .domain import (
+from ..domain import (
     AttentionSlice,
     EncodeRequest,
     EncoderEvent,
@@ -36,7 +33,11 @@ from .domain import (
     Source,
     TokenEvent,
 )
-from .errors import InvalidRequest, LimitExceeded, Unavailable
+from ..engine.engine import Engine, EngineClosed
+from ..engine.jobs import BeamJob, EncodeJob, Job, SequenceJob
+from ..engine.registry import ModelRegistry, ServedModel
+from ..errors import InvalidRequest, LimitExceeded, Unavailable
+from ..metrics import Metrics
 from .validation import check_attention, check_beam, check_source, model_limits, resolve_params
 
 INLINE_TOKENIZE_CHARS = 1024  # longer texts are tokenized in a worker thread (4 MB blocked the loop for 137 ms)
@@ -106,6 +107,8 @@ class InferenceAPI:
                 ids = await asyncio.get_running_loop().run_in_executor(self.executor, tok.encode, source.text)
             else:
                 ids = tok.encode(source.text)
+            if source.ids is not None:
+                raise InvalidRequest("the request has both source.text and source.ids; send one")
         elif source.ids is not None:
             ids = list(source.ids)
         else:
@@ -125,7 +128,7 @@ class InferenceAPI:
         params = resolve_params(req.options, limits)
         spec = req.attention
         if spec is not None and not encoder_attention and spec.wants_encoder:
-            spec = type(spec)(spec.kinds - {"encoder_self"}, spec.layers, spec.heads, spec.mean)
+            spec = dataclasses.replace(spec, kinds=spec.kinds - {"encoder_self"})
         if spec is not None and not spec.kinds:
             spec = None
         if spec is not None:
@@ -136,14 +139,27 @@ class InferenceAPI:
         job = BeamJob(**common, beam_size=beam_size) if beam_size > 1 else SequenceJob(**common)
         return job, self._served(served, src)
 
+    async def _submitted(self, ref: ModelRef,
+                         build: Callable[[ServedModel], Awaitable[tuple[Job, Served]]]) -> tuple[Job, Served]:
+        """Build a job for the model `ref` names and queue it in that model's engine. If a swap retired the
+        engine meanwhile (a long text was being tokenized), build it again for the version served now."""
+        for attempt in range(2):
+            served = self._target(ref)
+            job, header = await build(served)
+            try:
+                served.engine.submit(job)
+                return job, header
+            except EngineClosed:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
     # ------------------------------------------------------------------ the calls
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Served | TokenEvent | FinishEvent]:
         """A stream: first `Served` (the version and the source tokens), then one event per token, then the finish.
         Errors before the first token (validation, admission) are raised by the first `__anext__`."""
-        served = self._target(req.model)
         with self._admit(stream=True):
-            job, header = await self._job(served, req)
-            served.engine.submit(job)
+            job, header = await self._submitted(req.model, lambda served: self._job(served, req))
             try:
                 yield header
                 m, last = self.metrics, job.created
@@ -159,11 +175,12 @@ class InferenceAPI:
                 job.cancelled = True  # a no-op once finished; otherwise the engine drops it at its next step
 
     async def predict(self, req: PredictRequest) -> Prediction:
-        served = self._target(req.model)
-        check_beam(req.beam_size, model_limits(self.limits, served.runner.shape.max_len))
+        async def build(served: ServedModel) -> tuple[Job, Served]:
+            check_beam(req.beam_size, model_limits(self.limits, served.runner.shape.max_len))
+            return await self._job(served, req, req.beam_size, encoder_attention=True)
+
         with self._admit(stream=False):
-            job, header = await self._job(served, req, req.beam_size, encoder_attention=True)
-            served.engine.submit(job)
+            job, header = await self._submitted(req.model, build)
             tokens: list[TokenEvent] = []
             encoder: list[AttentionSlice] = []
             finish = None
@@ -188,31 +205,36 @@ class InferenceAPI:
         return prediction
 
     async def encode(self, req: EncodeRequest) -> Encoding:
-        served = self._target(req.model)
-        r = served.runner
-        with self._admit(stream=False):
+        async def build(served: ServedModel) -> tuple[Job, Served]:
+            r = served.runner
             src = await self._source(served, req.source, model_limits(self.limits, r.shape.max_len))
-            job = served.engine.submit(EncodeJob(src, r.shape, r.tokenizer, deadline=req.deadline))
+            return EncodeJob(src, r.shape, r.tokenizer, deadline=req.deadline), self._served(served, src)
+
+        with self._admit(stream=False):
+            job, header = await self._submitted(req.model, build)
             async with contextlib.aclosing(Engine.events(job)) as events:
                 ev: EncoderEvent = await anext(events)
         size = (ev.embeddings.size + ev.hidden_states.size) * 4
         if size > self.limits.max_message_bytes:
             raise LimitExceeded(f"the response would be over {size} bytes, more than max_message_bytes "
                                 f"({self.limits.max_message_bytes}); send a shorter source")
-        return Encoding(self._served(served, src), ev.embeddings, ev.hidden_states)
+        return Encoding(header, ev.embeddings, ev.hidden_states)
 
-    # ------------------------------------------------------------------ models
+    # ------------------------------------------------------------------ models (admitted like every call)
     def describe(self, ref: ModelRef) -> ModelDescription:
-        return self._description(self.registry.get(ref.name, ref.version))
+        with self._admit(stream=False):
+            return self._description(self.registry.get(ref.name, ref.version))
 
     def _description(self, served: ServedModel) -> ModelDescription:
         r = served.runner
-        return ModelDescription(r.manifest, r.providers, tuple(self.registry.versions_on_disk(r.name)),
+        return ModelDescription(r.manifest, r.providers, tuple(self.registry.versions_on_disk(served.name)),
                                 served.healthy, model_limits(self.limits, r.shape.max_len))
 
     def list_models(self) -> list[ModelDescription]:
-        return [self._description(s) for _, s in sorted(self.registry.models.items())]
+        with self._admit(stream=False):
+            return [self._description(s) for _, s in sorted(self.registry.models.items())]
 
     async def reload(self) -> list[ModelDescription]:
-        await self.registry.refresh()
+        with self._admit(stream=False):
+            await self.registry.refresh()
         return self.list_models()

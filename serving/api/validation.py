@@ -6,8 +6,10 @@ import functools
 import math
 from dataclasses import replace
 
-from .domain import AttentionSpec, DecodeOptions, DecodeParams, Limits
-from .errors import InvalidRequest
+from model_repository import BLOCK_KINDS
+
+from ..domain import AttentionSpec, DecodeOptions, DecodeParams, Limits
+from ..errors import InvalidRequest
 
 # Temperatures outside this range are refused rather than silently clamped: below it, logits / temperature
 # overflows to inf (1e-45 is a denormal float32) and sampling is greedy decoding in disguise; above it the
@@ -35,8 +37,9 @@ def check_source(src: list[int], vocab_size: int, limits: Limits) -> None:
         raise InvalidRequest(f"token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
 
 
-def resolve_params(o: DecodeOptions, limits: Limits) -> DecodeParams:
+def resolve_params(options: DecodeOptions, limits: Limits) -> DecodeParams:
     """Defaults filled in from `limits`, every field checked; `limits` already capped for the model."""
+    o = options
     p = DecodeParams(max_new_tokens=limits.default_new_tokens if o.max_new_tokens is None else o.max_new_tokens,
                      temperature=0.0 if o.temperature is None else float(o.temperature),
                      top_k=0 if o.top_k is None else o.top_k, top_p=1.0 if o.top_p is None else float(o.top_p),
@@ -68,6 +71,9 @@ def resolve_params(o: DecodeOptions, limits: Limits) -> DecodeParams:
 def check_attention(spec: AttentionSpec | None, n_enc: int, n_dec: int, n_heads: int) -> None:
     if spec is None:
         return
+    unknown = spec.kinds - set(BLOCK_KINDS)
+    if unknown:
+        raise InvalidRequest(f"unknown attention kind(s) {sorted(unknown)}; use {', '.join(BLOCK_KINDS)}")
     for layer in spec.layers:
         limit = max(n_enc, n_dec) if spec.wants_encoder else n_dec
         if not 0 <= layer < limit:

@@ -19,8 +19,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from ..api.domain import FinishEvent
-from ..api.errors import DeadlineExceeded, LimitExceeded, ServingError, Unavailable
+from ..domain import FinishEvent
+from ..errors import DeadlineExceeded, LimitExceeded, ServingError, Unavailable
 from .feeds import SourceBatch, decoder_feeds
 from .jobs import Job, StepOutput
 from .runner import ModelRunner
@@ -34,16 +34,22 @@ class EngineConfig:
     max_queue: int = 128  # jobs waiting for room in the batch; past it, RESOURCE_EXHAUSTED at once
 
 
+class EngineClosed(Unavailable):
+    """The engine was retired (its version swapped out or unloaded) before the job reached it; a caller may
+    retry on whatever the registry serves now."""
+
+
 class Engine:
     def __init__(self, runner: ModelRunner, cfg: EngineConfig = EngineConfig(),
                  on_death: Callable[[Engine, BaseException], None] | None = None) -> None:
         self.runner, self.cfg, self.on_death = runner, cfg, on_death
         self.waiting: deque[Job] = deque()
-        self.active: list[Job] = []
+        self.active: list[Job] = []  # taken from the queue: being encoded or decoded
+        self._events: dict[Job, list] = {}  # this iteration's events, sent at its end (or when the engine dies)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
+        self._retired = False  # no new jobs; the thread ends once the ones it has are finished
         self.dead: BaseException | None = None
         self._sources = {False: SourceBatch(), True: SourceBatch()}  # per decoder graph
         self.steps = 0  # decoder steps run, for tests and metrics
@@ -55,31 +61,41 @@ class Engine:
 
     @property
     def load(self) -> int:
-        return len(self.waiting) + len(self.active)
+        with self._cv:
+            return len(self.waiting) + len(self.active)
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self.dead is None and not self._closed
+        return self._thread is not None and self.dead is None and not self._retired
+
+    @property
+    def stopped(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._main, name=f"engine-{self.runner.name}", daemon=True)
         self._thread.start()
 
-    async def close(self) -> None:
+    def retire(self) -> None:
+        """Take no new jobs; finish the ones already here, then stop the thread."""
         with self._cv:
-            self._closed = True
+            self._retired = True
             self._cv.notify()
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Retire and wait (at most `timeout`) for the thread to finish what it holds."""
+        self.retire()
         if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
 
     def submit(self, job: Job) -> Job:
         """Queue `job` or refuse at once: UNAVAILABLE if the engine is not running, RESOURCE_EXHAUSTED if full."""
         with self._cv:
             if self.dead is not None:
                 raise Unavailable(f"model {self.label} is restarting after an engine failure; retry in a moment")
-            if self._closed or self._thread is None:
-                raise Unavailable(f"model {self.label} is being unloaded; retry")
+            if self._retired or self._thread is None:
+                raise EngineClosed(f"model {self.label} is being unloaded; retry")
             if len(self.waiting) >= self.cfg.max_queue:
                 raise LimitExceeded(f"model {self.label} already has {len(self.waiting)} requests waiting, the limit "
                                     f"is {self.cfg.max_queue} (max_queue_per_model); retry later")
@@ -115,30 +131,35 @@ class Engine:
                 self._loop.call_soon_threadsafe(self._deliver, batch)
 
     def _main(self) -> None:
+        reason: BaseException | None = None
         try:
             while True:
                 with self._cv:
-                    while not self._closed and not self.waiting and not self.active:
+                    while not self._retired and not self.waiting and not self.active:
                         self._cv.wait()
-                    if self._closed:
+                    if self._retired and not self.waiting and not self.active:
                         break
                     new = self._take()
+                    self.active += new  # counted in `load` from now on
                 self._iteration(new)
-            reason: BaseException | None = None
         except BaseException as e:  # anything escaping the per-job handling kills the engine: fail all, loudly
             log.exception("the engine of %s died", self.label)
             reason = e
         with self._cv:
             self.dead = reason
-            orphans = list(self.waiting) + self.active
+            orphans = [j for j in list(self.waiting) + self.active if not j.done]
             self.waiting.clear()
             self.active = []
-        why = "it is being unloaded" if reason is None else f"its engine failed ({type(reason).__name__})"
-        err = Unavailable(f"model {self.label} stopped before this request finished: {why}; retry")
-        self._send([(job, [err]) for job in orphans])
-        if reason is not None and self.on_death is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self.on_death, self, reason)
+        if reason is not None:  # what the step had already produced still reaches its callers, then the errors
+            err = Unavailable(f"model {self.label} stopped before this request finished: its engine failed "
+                              f"({type(reason).__name__}); retry")
+            for job in orphans:
+                self._events.setdefault(job, []).append(err)
+            self._send(list(self._events.items()))
+            self._events = {}
+            if self.on_death is not None:
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(self.on_death, self, reason)
 
     def _take(self) -> list[Job]:
         """Waiting jobs that fit the batch now, in arrival order (called with the lock held). Jobs that were
@@ -159,27 +180,29 @@ class Engine:
 
     def _iteration(self, new: list[Job]) -> None:
         now = time.monotonic()
-        expired = [j for j in self.active + new if not j.cancelled and j.expired(now)]
+        expired = [j for j in self.active if not j.cancelled and j.expired(now)]
         if expired:
             self._send([(j, [DeadlineExceeded("the deadline passed before the request finished")]) for j in expired])
             for j in expired:
                 j.cancelled = True
-        self.active = [j for j in self.active if not j.cancelled]  # frees their caches
+        events = self._events = {}
         new = [j for j in new if not j.cancelled]
-        events: dict[Job, list] = {}
         if new:
             self._encode(new, events)
-            self.active += [j for j in new if not j.done]
         for attention in (False, True):
-            group = [j for j in self.active if j.rows and j.decoder_attention == attention]
+            group = [j for j in self.active if j.rows and not j.cancelled and j.decoder_attention == attention]
             if group:
                 self._decode(group, attention, events)
-        self.active = [j for j in self.active if not j.done]
+        with self._cv:
+            self.active = [j for j in self.active if not j.done and not j.cancelled]  # frees their caches
         self._send(list(events.items()))
+        self._events = {}
 
     def _fail(self, job: Job, error: Exception, events: dict[Job, list]) -> None:
-        if not isinstance(error, ServingError):
-            log.error("request failed in %s: %r", self.label, error)
+        if isinstance(error, ServingError):
+            log.warning("a request to %s failed: %s", self.label, error)
+        else:
+            log.error("a request to %s failed: %r", self.label, error)
         job.done, job.rows = True, []
         events.setdefault(job, []).append(error)
 

@@ -12,9 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ENCODER_INPUTS = ("src_ids", "src_mask")
-DECODER_INPUTS = ("input_ids", "positions", "self_mask", "past_k", "past_v", "cross_k", "cross_v", "src_mask")
-
 
 @dataclass(eq=False, slots=True)
 class Row:

@@ -16,7 +16,7 @@ import numpy as np
 
 from model_repository import ModelShape
 
-from ..api.domain import (
+from ..domain import (
     AttentionSlice,
     AttentionSpec,
     DecodeParams,
@@ -25,7 +25,7 @@ from ..api.domain import (
     TokenEvent,
 )
 from .feeds import Row
-from .sampling import check_finite, choose, log_softmax
+from .sampling import check_rows, choose, log_softmax
 from .tokenizer import ServingTokenizer
 
 
@@ -87,8 +87,8 @@ class Job:
         """Take row i of an encoder pass; returns the events it gives (encoder attention, when asked)."""
         self.started = now
         S = len(self.source)
-        self.rows = [Row.start(enc["cross_k"][:, i:i + 1, :, :S], enc["cross_v"][:, i:i + 1, :, :S],
-                               self.shape.bos_id)]
+        self.rows = [Row.start(enc["cross_k"][:, i:i + 1, :, :S],  # (L, 1, nh, S, hs): row i, unpadded
+                               enc["cross_v"][:, i:i + 1, :, :S], self.shape.bos_id)]
         if not self.encoder_attention:
             return []
         attn = enc["enc_self_attn"][:, i, :, :S, :S]  # (L, nh, S, S)
@@ -192,9 +192,9 @@ class BeamJob(Job):
     def stepped(self, step: StepOutput, first: int) -> list:
         n, k = len(self.rows), self.beam_size
         logits = step.out["logits"][first:first + n]  # (n, V)
-        check_finite(logits, self.steps)
         self.first_token = self.first_token or step.now
         logp = log_softmax(logits)  # (n, V)
+        check_rows(logp, logits, self.steps)
         scores = np.array([h.score for h in self.hypotheses])[:, None] + logp  # (n, V)
         V = logp.shape[1]
         attention = [self._step_attention(step, first + b, self.rows[b]) for b in range(n)] \
@@ -240,7 +240,8 @@ class BeamJob(Job):
             best.text = self.tokenizer.decode(best.tokens)
         events, before = [], ""
         for i, (tok, lp) in enumerate(zip(best.tokens, best.logprobs, strict=True)):
-            text = best.text if i == len(best.tokens) - 1 else self.tokenizer.decode(best.tokens[: i + 1])
+            # each token's text, clipped to the final text so the pieces add up to it when a stop string cut it
+            text = self.tokenizer.decode(best.tokens[: i + 1])[: len(best.text)]
             events.append(TokenEvent(tok, text[len(before):], lp, i, best.attention[i] if best.attention else []))
             before = text
         return [*events, self._finish(reason, len(best.tokens), best.text, now, self.first_token, score)]

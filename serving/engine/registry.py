@@ -1,9 +1,10 @@
 """The served models: the newest loadable version of each model in the repository, each with its engine.
 
 A new version is loaded and warmed up in a worker thread while the old one keeps serving; only then does the
-name point to it. Requests already running finish on the version they started with (they hold its engine), and
-the old engine is closed once it is idle. A version that fails to load is logged and skipped, the old one keeps
-serving; a version removed from disk gives way to the newest remaining one (or the model is unloaded).
+name point to it. Requests already running finish on the version they started with: the old engine is retired
+(it takes nothing new, finishes what it holds, then its thread ends). A version that fails to load is logged and
+skipped, the old one keeps serving; a version removed from disk gives way to the newest remaining one (or the
+model is unloaded).
 
 Supervision: when an engine dies, its model reports unhealthy at once and a fresh engine is started on the same
 sessions after a short, growing delay; listeners (health, metrics) hear of every change, whoever caused it.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from model_repository import list_models, list_versions, version_dir
 
-from ..api.errors import InvalidRequest, NotFound
+from ..errors import InvalidRequest, NotFound
 from .engine import Engine, EngineConfig
 from .runner import ModelRunner, RunnerConfig
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServedModel:
+    name: str  # the model's folder in the repository (the manifest's name must match it)
     runner: ModelRunner
     engine: Engine
     restarts: int = 0
@@ -62,7 +64,8 @@ class ModelRegistry:
         self.runner_cfg, self.engine_cfg, self.executor = runner_cfg, engine_cfg, executor
         self.models: dict[str, ServedModel] = {}
         self.failed: dict[tuple[str, int], tuple] = {}  # versions that did not load: (files' signature, why)
-        self._draining: set[Engine] = set()
+        self._warned: set[Path] = set()  # odd repository entries already logged: each is logged once
+        self._retired: list[Engine] = []  # engines finishing their last requests; joined on close
         self._listeners: list[Callable[[], None]] = []
         self._tasks: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
@@ -76,36 +79,44 @@ class ModelRegistry:
             listener()
 
     def versions_on_disk(self, name: str) -> list[int]:
-        return list_versions(self.repo, name)
+        return list_versions(self.repo, name, self._warned)
 
     def _names(self) -> list[str]:
-        return [n for n in list_models(self.repo) if not self.cfg.only or n in self.cfg.only]
+        return [n for n in list_models(self.repo, self._warned) if not self.cfg.only or n in self.cfg.only]
 
     async def refresh(self) -> list[str]:
-        """Load any model or newer version found on disk, retire removed ones; returns what changed."""
+        """Load any model or newer version found on disk, retire removed ones; returns what changed.
+
+        Shielded: a caller that gives up (a cancelled ReloadModels) does not stop a load half-way, so the
+        next refresh never loads the same version twice."""
+        return await asyncio.shield(self._refresh())
+
+    async def _refresh(self) -> list[str]:
         async with self._lock:
-            changed = []
-            names = self._names()
-            for name in names:
-                current = self.models.get(name)
-                on_disk = self.versions_on_disk(name)
-                kept = current is not None and current.runner.version in on_disk
-                floor = current.runner.version if kept else 0
-                # newest first; a version that fails to load falls back to the next older one not yet served
-                loaded = None
-                for version in reversed([v for v in on_disk if v > floor]):
-                    loaded = await self._try_load(name, version, current)
+            changed: list[str] = []
+            try:
+                names = self._names()
+                for name in names:
+                    current = self.models.get(name)
+                    on_disk = self.versions_on_disk(name)
+                    kept = current is not None and current.runner.version in on_disk
+                    floor = current.runner.version if kept else 0
+                    # newest first; a version that fails to load falls back to the next older one not yet served
+                    loaded = None
+                    for version in reversed([v for v in on_disk if v > floor]):
+                        loaded = await self._try_load(name, version, current)
+                        if loaded:
+                            break
                     if loaded:
-                        break
-                if loaded:
-                    changed.append(f"{name} v{loaded.runner.version}")
-                elif current is not None and not kept:
-                    changed.append(self._unload(name, "its version is gone from disk"))
-            for name in [n for n in self.models if n not in names]:
-                changed.append(self._unload(name, "it is gone from the repository"))
-            await self._close_idle()
-            if changed:
-                self._changed()
+                        changed.append(f"{name} v{loaded.runner.version}")
+                    elif current is not None and not kept:
+                        changed.append(self._unload(name, "its version is gone from disk"))
+                for name in [n for n in self.models if n not in names]:
+                    changed.append(self._unload(name, "it is gone from the repository"))
+                self._retired = [e for e in self._retired if not e.stopped]
+            finally:
+                if changed:  # even when a later step failed: what did change is announced
+                    self._changed()
             return changed
 
     async def _try_load(self, name: str, version: int, current: ServedModel | None) -> ServedModel | None:
@@ -119,16 +130,16 @@ class ModelRegistry:
             log.error("could not load %s v%d, keeping %s: %s", name, version,
                       f"v{current.runner.version}" if current else "nothing", e)
             return None
-        served = ServedModel(runner, self._engine(runner))
+        served = ServedModel(name, runner, self._engine(runner))
         self.models[name] = served
         if current:
-            self._draining.add(current.engine)
+            self._retire(current.engine)
         log.info("serving %s v%d", name, version)
         return served
 
     def _unload(self, name: str, why: str) -> str:
         served = self.models.pop(name)
-        self._draining.add(served.engine)
+        self._retire(served.engine)
         log.warning("unloading %s v%d: %s (requests in flight finish first)", name, served.runner.version, why)
         return f"{name} v{served.runner.version} unloaded"
 
@@ -137,6 +148,10 @@ class ModelRegistry:
         runner.warm_up()
         return runner
 
+    def _retire(self, engine: Engine) -> None:
+        engine.retire()
+        self._retired.append(engine)
+
     def _engine(self, runner: ModelRunner) -> Engine:
         engine = Engine(runner, self.engine_cfg, on_death=self._engine_died)
         engine.start()
@@ -144,7 +159,6 @@ class ModelRegistry:
 
     def _engine_died(self, engine: Engine, reason: BaseException) -> None:
         """On the event loop: mark the model unhealthy now, restart its engine after a delay."""
-        self._draining.discard(engine)
         served = next((s for s in self.models.values() if s.engine is engine), None)
         if served is None:
             return  # a retired version: nothing to restart
@@ -160,18 +174,12 @@ class ModelRegistry:
 
     async def _restart(self, served: ServedModel, dead: Engine, delay: float) -> None:
         await asyncio.sleep(delay)
-        if served.engine is not dead or self.models.get(served.runner.name) is not served:
+        if served.engine is not dead or self.models.get(served.name) is not served:
             return  # swapped or unloaded meanwhile
         served.engine = self._engine(served.runner)
         served.restarts += 1
         log.info("engine of %s v%d restarted", served.runner.name, served.runner.version)
         self._changed()
-
-    async def _close_idle(self) -> None:
-        for engine in list(self._draining):
-            if engine.load == 0:
-                self._draining.discard(engine)
-                await engine.close()
 
     def get(self, name: str, version: int = 0) -> ServedModel:
         if not name:
@@ -191,7 +199,5 @@ class ModelRegistry:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        for served in self.models.values():
-            await served.engine.close()
-        for engine in self._draining:
+        for engine in [s.engine for s in self.models.values()] + self._retired:
             await engine.close()

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from model_repository import GRAPH_NAMES, Manifest, RepositoryError, open_version
+from model_repository import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, Manifest, RepositoryError, open_version
 
-from ..api.errors import FailedPrecondition
-from .feeds import DECODER_INPUTS, ENCODER_INPUTS, decoder_feeds, encoder_feeds
+from ..errors import FailedPrecondition
+from .feeds import decoder_feeds, encoder_feeds
 from .tokenizer import ServingTokenizer
 
 log = logging.getLogger(__name__)
@@ -96,13 +96,16 @@ class ModelRunner:
                              for g in GRAPH_NAMES}
         except Exception as e:  # onnxruntime raises its own exception types for bad graphs
             raise ModelLoadError(f"{self.dir}: ONNX Runtime cannot load the graphs ({e})") from e
-        for graph, known in (("encoder", ENCODER_INPUTS), ("encoder_attn", ENCODER_INPUTS),
-                             ("decoder", DECODER_INPUTS), ("decoder_attn", DECODER_INPUTS)):
-            declared = [i.name for i in self.sessions[graph].get_inputs()]
-            unknown = set(declared) - set(known)
+        for graph, session in self.sessions.items():  # the graphs against the contract, at load, not per request
+            path = m.file(m.graphs[graph].file)
+            unknown = {i.name for i in session.get_inputs()} - set(GRAPH_INPUTS[graph])
             if unknown:
-                raise ModelLoadError(f"{m.file(m.graphs[graph].file)}: inputs {sorted(unknown)} are not ones this "
-                                     f"server can feed ({', '.join(known)})")
+                raise ModelLoadError(f"{path}: inputs {sorted(unknown)} are not ones this server can feed "
+                                     f"({', '.join(GRAPH_INPUTS[graph])})")
+            missing = set(GRAPH_OUTPUTS[graph]) - {o.name for o in session.get_outputs()}
+            if missing:
+                raise ModelLoadError(f"{path}: outputs {sorted(missing)} are missing; the {graph} graph must give "
+                                     f"{', '.join(GRAPH_OUTPUTS[graph])}")
         self.inputs = {g: tuple(i.name for i in s.get_inputs()) for g, s in self.sessions.items()}
         self.outputs = {g: tuple(o.name for o in s.get_outputs()) for g, s in self.sessions.items()}
         self.providers: tuple[str, ...] = tuple(self.sessions["decoder"].get_providers())

@@ -1,7 +1,8 @@
 """Choosing the next token from logits in numpy: greedy, or temperature / top-k / top-p sampling with a seed.
 
-Everything is computed in float64 and checked: logits that are NaN or infinite, or a distribution that comes
-out empty, raise ModelFailure for that one request instead of sampling garbage.
+Everything is computed in float64 and checked: logits with a NaN or +inf (or all -inf) in a row, or a
+distribution that comes out empty, raise ModelFailure for that one request instead of sampling garbage. One rule
+for greedy, sampled and beam decoding: a -inf for some tokens (ruled out) is fine.
 """
 
 from __future__ import annotations
@@ -10,18 +11,21 @@ import math
 
 import numpy as np
 
-from ..api.domain import DecodeParams
-from ..api.errors import ModelFailure
+from ..domain import DecodeParams
+from ..errors import ModelFailure
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    with np.errstate(invalid="ignore"):  # bad logits give NaN rows, refused by the callers, not a log warning
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def check_finite(logits: np.ndarray, step: int) -> None:
-    if not np.isfinite(logits).all():
+def check_rows(logp: np.ndarray, logits: np.ndarray, step: int) -> None:
+    """Log-probabilities (n, V) of n rows: one NaN or +inf logit in a row makes its whole row NaN, so the row
+    maxima tell; a partial -inf (a token ruled out) is allowed, as in `choose`."""
+    if not np.isfinite(logp.max(axis=-1)).all():
         _refuse(logits, step)
 
 

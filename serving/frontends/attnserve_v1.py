@@ -12,8 +12,8 @@ import grpc
 from protos import attnserve_v1_pb2 as pb
 from protos import attnserve_v1_pb2_grpc as pb_grpc
 
-from ..api.domain import FinishEvent, Served, TokenEvent
 from ..api.service import InferenceAPI
+from ..domain import FinishEvent, Served, TokenEvent
 from . import convert
 
 

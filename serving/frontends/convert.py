@@ -12,7 +12,7 @@ import numpy as np
 
 from protos import attnserve_v1_pb2 as pb
 
-from ..api.domain import (
+from ..domain import (
     AttentionSlice,
     AttentionSpec,
     DecodeOptions,
@@ -28,7 +28,7 @@ from ..api.domain import (
     Source,
     TokenEvent,
 )
-from ..api.errors import InvalidRequest
+from ..errors import InvalidRequest
 
 _KINDS = {
     pb.ATTENTION_NONE: frozenset(),

@@ -21,8 +21,8 @@ from grpc_reflection.v1alpha import reflection
 from protos import attnserve_v1_pb2 as pb
 from protos import attnserve_v1_pb2_grpc as pb_grpc
 
-from ..api.domain import Limits
 from ..api.service import InferenceAPI
+from ..domain import Limits
 from ..engine.engine import EngineConfig
 from ..engine.registry import ModelRegistry, RegistryConfig
 from ..engine.runner import RunnerConfig, check_runtime_install, resolve_providers

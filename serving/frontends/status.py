@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from ..api.errors import (
+from ..errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidRequest,
@@ -112,8 +112,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             if self.stopping():
                 raise Unavailable("the server is shutting down; retry on another replica")
             if isinstance(request, _Unparsable):
-                raise InvalidRequest(f"the request does not parse ({request.error}); string fields must be valid "
-                                     "UTF-8")
+                raise InvalidRequest(f"the request does not parse ({request.error}); is every string field valid "
+                                     "UTF-8?")
             yield
         except (asyncio.CancelledError, GeneratorExit):
             code = _ended_code(context)

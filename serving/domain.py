@@ -10,9 +10,6 @@ import numpy as np
 if TYPE_CHECKING:
     from model_repository import Manifest
 
-KINDS = ("encoder_self", "decoder_self", "cross")
-
-
 @dataclass(frozen=True)
 class Limits:
     max_source_tokens: int = 256
@@ -42,7 +39,7 @@ class Source:
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    kinds: frozenset[str]  # subset of KINDS
+    kinds: frozenset[str]  # subset of model_repository.BLOCK_KINDS: encoder_self, decoder_self, cross
     layers: tuple[int, ...] = ()  # empty: all
     heads: tuple[int, ...] = ()  # empty: all
     mean: bool = False
