@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from model_src.checkpoint import load_model
     from model_src.decoding import generate
     from model_src.tasks import load_task
-    from serving.api.domain import DecodeOptions, GenerateRequest, ModelRef, Source
     from serving.client import AttnServeClient
+    from serving.domain import DecodeOptions, GenerateRequest, ModelRef, Source
     from serving.engine.runner import ModelRunner, RunnerConfig
     from serving.frontends.server import ServerConfig, create_server
 
