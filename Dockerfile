@@ -16,6 +16,7 @@ COPY model_repository ./model_repository
 COPY export ./export
 COPY serving ./serving
 COPY protos ./protos
+COPY bench ./bench
 RUN pip install '.[cpu]' && useradd --system --uid 10001 attnserve
 USER attnserve
 EXPOSE 50051 9100

@@ -19,6 +19,7 @@ commands:
   generate   stream one generation from a server, optionally with attention and a heatmap
   predict    one unary prediction from a server
   models     list the models a server holds
+  bench      load a server with concurrent streams, level by level, against the model's own cost
 
 `attnserve COMMAND --help` for each command's options.
 """
@@ -54,6 +55,12 @@ def _serve(argv: list[str]) -> int:
     return serve_main(argv)
 
 
+def _bench(argv: list[str]) -> int:
+    from bench.cli import main
+
+    return main(argv)
+
+
 def _client(name: str):
     def run(argv: list[str]) -> int:
         from serving.client import cli as client_cli
@@ -65,7 +72,7 @@ def _client(name: str):
 
 COMMANDS = {
     "train": _train, "evaluate": _evaluate, "export": _export, "inspect": _inspect, "serve": _serve,
-    "generate": _client("generate"), "predict": _client("predict"), "models": _client("models"),
+    "generate": _client("generate"), "predict": _client("predict"), "models": _client("models"), "bench": _bench,
 }
 
 
