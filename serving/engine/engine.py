@@ -189,10 +189,13 @@ class Engine:
         new = [j for j in new if not j.cancelled]
         if new:
             self._encode(new, events)
-        for attention in (False, True):
-            group = [j for j in self.active if j.rows and not j.cancelled and j.decoder_attention == attention]
+        groups: tuple[list[Job], list[Job]] = ([], [])  # without, with attention
+        for j in self.active:
+            if j.rows and not j.cancelled:
+                groups[j.decoder_attention].append(j)
+        for attention, group in enumerate(groups):
             if group:
-                self._decode(group, attention, events)
+                self._decode(group, bool(attention), events)
         with self._cv:
             self.active = [j for j in self.active if not j.done and not j.cancelled]  # frees their caches
         self._send(list(events.items()))

@@ -9,6 +9,7 @@ events (tokens, the finish, encoder outputs) for its own queue.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -75,12 +76,12 @@ class Job:
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline
 
-    @property
+    @functools.cached_property
     def encoder_attention(self) -> bool:
         return self.attention is not None and self.attention.wants_encoder
 
-    @property
-    def decoder_attention(self) -> bool:
+    @functools.cached_property
+    def decoder_attention(self) -> bool:  # read for every job at every step: computed once
         return self.attention is not None and self.attention.wants_decoder
 
     def encoded(self, enc: dict[str, np.ndarray], i: int, now: float) -> list:

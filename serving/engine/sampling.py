@@ -17,9 +17,8 @@ from ..errors import ModelFailure
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
-    with np.errstate(invalid="ignore"):  # bad logits give NaN rows, refused by the callers, not a log warning
-        x = x - x.max(axis=-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    x = x - x.max(axis=-1, keepdims=True)  # bad logits give NaN rows here, refused by the callers
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def check_rows(logp: np.ndarray, logits: np.ndarray, step: int) -> None:
