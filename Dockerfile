@@ -21,7 +21,7 @@ RUN pip install '.[cpu]' && useradd --system --uid 10001 attnserve
 USER attnserve
 EXPOSE 50051 9100
 ENTRYPOINT ["attnserve"]
-CMD ["serve", "--repo", "/models", "--address", "0.0.0.0:50051", "--metrics-port", "9100"]
+CMD ["serve", "--repo", "/models", "--address", "0.0.0.0:50051", "--metrics-port", "9100", "--metrics-address", "0.0.0.0"]
 
 FROM ${CUDA_IMAGE} AS serve-gpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_BREAK_SYSTEM_PACKAGES=1
@@ -34,7 +34,8 @@ COPY --from=serve /app /app
 RUN pip install '.[gpu]'
 EXPOSE 50051 9100
 ENTRYPOINT ["attnserve"]
-CMD ["serve", "--repo", "/models", "--address", "0.0.0.0:50051", "--providers", "cuda,cpu", "--require-gpu"]
+CMD ["serve", "--repo", "/models", "--address", "0.0.0.0:50051", "--providers", "cuda,cpu", "--require-gpu", \
+     "--metrics-address", "0.0.0.0"]
 
 FROM ${PYTHON_IMAGE} AS export
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .domain import Limits
 from .engine.runner import RunnerConfig
+from .frontends.security import SecurityConfig
 from .frontends.server import ServerConfig, serve
 
 LIMIT_FLAGS = ("max_source_tokens", "max_new_tokens", "default_new_tokens", "max_concurrent_streams",
@@ -36,6 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-gpu", action="store_true", default=_env("REQUIRE_GPU", False),
                    help="exit with an error instead of falling back to CPU when CUDA is unavailable")
     p.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", 9100), help="-1 disables metrics")
+    p.add_argument("--metrics-address", default=_env("METRICS_ADDRESS", d.metrics_address),
+                   help="interface of the metrics endpoint (default loopback; 0.0.0.0 in the container images)")
+    sec = p.add_argument_group("security", "TLS, mutual TLS and bearer tokens on the gRPC port")
+    for name, help_text in (("tls_cert", "PEM certificate chain: serve TLS"), ("tls_key", "its PEM private key"),
+                            ("tls_client_ca", "mutual TLS: clients must present a certificate signed by this CA"),
+                            ("auth_token_file", "inference tokens, one per line; model calls need one"),
+                            ("admin_token_file", "admin tokens, one per line; management calls (ReloadModels) "
+                                                 "are refused without this file")):
+        value = _env(name.upper(), "")
+        sec.add_argument(f"--{name.replace('_', '-')}", type=Path, default=Path(value) if value else None,
+                         help=help_text)
+    sec.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=_env("REFLECTION", True),
+                     help="gRPC server reflection (grpcurl list/describe); on by default")
     p.add_argument("--threads", type=int, default=_env("THREADS", RunnerConfig().intra_op_threads),
                    help="ONNX Runtime intra-op threads per session")
     p.add_argument("--poll-seconds", type=float, default=_env("POLL_SECONDS", d.poll_seconds),
@@ -56,8 +70,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     limits = Limits(**{k: getattr(args, k) for k in LIMIT_FLAGS})
     runner = RunnerConfig(providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
                           require_gpu=args.require_gpu, intra_op_threads=args.threads)
+    security = SecurityConfig(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                              auth_token_file=args.auth_token_file, admin_token_file=args.admin_token_file,
+                              reflection=args.reflection)
     return ServerConfig(repo=args.repo, address=args.address, models=tuple(models), runner=runner, limits=limits,
                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                        metrics_address=args.metrics_address, security=security,
                         poll_seconds=args.poll_seconds, grace_seconds=args.grace_seconds,
                         drain_seconds=args.drain_seconds, max_batch=args.max_batch,
                         restart_seconds=args.restart_seconds)

@@ -37,3 +37,7 @@ class PermissionDenied(ServingError):
 
 class ModelFailure(ServingError):
     """The model produced something unusable for this request (NaN or infinite logits); its peers are unaffected."""
+
+
+class Unauthenticated(ServingError):
+    """No credentials, or ones the server does not know (a missing or wrong bearer token)."""

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
+from serving.client.connection import Connection
 from serving.domain import Limits
+from serving.frontends.security import SecurityConfig
 from serving.frontends.server import App, ServerConfig, create_server
 
 
@@ -55,3 +57,13 @@ def copy_version(model_dir: Path, version: int, change: Callable[[dict], None] =
     change(manifest)
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
+
+
+ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+
+
+def admin_access(folder: Path) -> tuple[SecurityConfig, Connection]:
+    """A server setting that allows management calls and a client connection holding its admin token."""
+    path = Path(folder) / "admin.tokens"
+    path.write_text(f"# admin tokens\n{ADMIN_TOKEN}\n")
+    return SecurityConfig(admin_token_file=path), Connection(token_file=path)

@@ -117,3 +117,53 @@ def test_gpu_service_fails_fast_without_cuda(tmp_path):
                        capture_output=True, text=True, timeout=60, cwd=ROOT, env=_env(svc, repo))
     assert r.returncode == 1
     assert "--require-gpu" in r.stderr and "CUDAExecutionProvider is not available" in r.stderr
+
+
+def test_the_secure_service_serves_tls_and_tokens_from_its_compose_secrets(tiny_repo, tmp_path):
+    """`docker compose --profile secure up`: the service's command, environment and healthcheck, with each compose
+    secret's file standing where the container would see it (/run/secrets/<name> -> a local file)."""
+    from .test_security import _ca, _leaf, _write
+
+    compose = yaml.safe_load(COMPOSE.read_text())
+    svc = compose["services"]["server-secure"]
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    ca = _ca("compose test CA")
+    made = {"tls_ca": _write(secrets, "ca", ca)[0]}
+    made["tls_cert"], made["tls_key"] = _write(secrets, "server", _leaf(ca, "localhost", server=True))
+    (secrets / "auth").write_text("inference-token-compose-0123456789\n")
+    (secrets / "admin").write_text("admin-token-compose-0123456789ab\n")
+    made["auth_tokens"], made["admin_tokens"] = secrets / "auth", secrets / "admin"
+    assert set(svc["secrets"]) == set(made) == set(compose["secrets"])
+    port = _free_port()
+    env = _env(svc, tiny_repo)
+    for key, value in list(env.items()):
+        if value.startswith("/run/secrets/"):
+            env[key] = str(made[value.removeprefix("/run/secrets/")])
+    proc = subprocess.Popen([sys.executable, "-m", "attnserve.cli", *_local(svc["command"], tiny_repo, port)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        check = _local(svc["healthcheck"]["test"][1:], tiny_repo, port)
+        check[0] = sys.executable if check[0] == "python" else check[0]
+        for _ in range(120):
+            if subprocess.run(check, capture_output=True, cwd=ROOT, env=env).returncode == 0:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the secure service never became healthy over TLS")
+        client = [sys.executable, "-m", "attnserve.cli", "predict", "abc", "--server", f"localhost:{port}",
+                  "--tls-ca", str(made["tls_ca"])]
+        denied = subprocess.run(client, capture_output=True, text=True, cwd=ROOT, timeout=60,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+        token = tmp_path / "token"
+        token.write_text("inference-token-compose-0123456789\n")
+        ok = subprocess.run([*client, "--token-file", str(token)], capture_output=True, text=True, cwd=ROOT,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert ok.returncode == 0, ok.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

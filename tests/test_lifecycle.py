@@ -9,7 +9,7 @@ import pytest
 
 from serving.client import AttnServeClient
 
-from .server_harness import copy_version, start
+from .server_harness import admin_access, copy_version, start
 
 
 def test_health_flips_on_load_and_on_shutdown(tiny_repo, tmp_path):
@@ -17,7 +17,8 @@ def test_health_flips_on_load_and_on_shutdown(tiny_repo, tmp_path):
 
     repo = tmp_path / "models"
     repo.mkdir()
-    s = start(repo, drain_seconds=1.0)
+    security, admin = admin_access(tmp_path)
+    s = start(repo, drain_seconds=1.0, security=security)
     ch = grpc.insecure_channel(s.address)
     health = health_pb2_grpc.HealthStub(ch)
 
@@ -27,7 +28,7 @@ def test_health_flips_on_load_and_on_shutdown(tiny_repo, tmp_path):
     try:
         assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
         shutil.copytree(tiny_repo / "tiny", repo / "tiny")
-        with AttnServeClient(s.address) as c:
+        with AttnServeClient(s.address, connection=admin) as c:
             assert [m.name for m in c.reload().models] == ["tiny"]
             assert status() == health_pb2.HealthCheckResponse.SERVING
             stream = c.generate("hello", max_new_tokens=30)
@@ -72,7 +73,8 @@ def test_a_broken_new_version_leaves_the_old_one_serving(tiny_repo, tmp_path):
 
     repo = tmp_path / "models"
     shutil.copytree(tiny_repo / "tiny", repo / "tiny")
-    s = start(repo)
+    security, admin = admin_access(tmp_path)
+    s = start(repo, security=security)
     try:
         v2 = repo / "tiny" / "2"
         shutil.copytree(repo / "tiny" / "1", v2)
@@ -81,7 +83,7 @@ def test_a_broken_new_version_leaves_the_old_one_serving(tiny_repo, tmp_path):
         shutil.rmtree(v2)
         copy_version(repo / "tiny", 2)  # the same files, its manifest saying version 2
         (v2 / "decoder.onnx").write_bytes(b"truncated")
-        with AttnServeClient(s.address) as c:
+        with AttnServeClient(s.address, connection=admin) as c:
             assert [(m.name, m.version) for m in c.reload().models] == [("tiny", 1)]
             assert c.predict("abc").model.version == 1
             assert "sha256" in s.app.registry.failed[("tiny", 2)][1]

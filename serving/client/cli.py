@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 
 from .client import AttnServeClient
+from .connection import add_arguments, explain, from_arguments
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -29,6 +30,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean", action="store_true", help="average attention over heads")
     p.add_argument("--plot", type=Path, help="write an attention heatmap PNG here")
     p.add_argument("--timeout", type=float, default=60.0)
+    add_arguments(p)
 
 
 def _options(args) -> dict:
@@ -81,8 +83,13 @@ def _plot(path: Path, steps: list[list], src_tokens: list[str], out_tokens: list
 
 
 def _fail(e: grpc.RpcError) -> int:
-    print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+    hint = explain(e)
+    print(f"error: {e.code().name}: {e.details()}" + (f"\n  {hint}" if hint else ""), file=sys.stderr)
     return 1
+
+
+def _client(args: argparse.Namespace) -> AttnServeClient:
+    return AttnServeClient(args.server, connection=from_arguments(args))
 
 
 def generate_main(argv: list[str] | None = None) -> int:
@@ -91,7 +98,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     attention = "cross" if args.plot and args.attention == "none" else args.attention
     steps, out_tokens, src_tokens = [], [], []
-    with AttnServeClient(args.server) as client:
+    with _client(args) as client:
         try:
             for msg in client.generate(args.text, args.model, args.version, attention, args.layers, args.heads,
                                        args.mean, timeout=args.timeout, **_options(args)):
@@ -135,7 +142,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     _common(p)
     p.add_argument("--beam-size", type=int, default=0)
     args = p.parse_args(argv)
-    with AttnServeClient(args.server) as client:
+    with _client(args) as client:
         try:
             r = client.predict(args.text, args.model, args.version, args.beam_size, args.attention, args.layers,
                                args.heads, args.mean, timeout=args.timeout, **_options(args))
@@ -168,8 +175,9 @@ def models_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnserve models", description="List the models a server holds.")
     p.add_argument("--server", default="127.0.0.1:50051")
     p.add_argument("--info", action="store_true", help="also print each model's providers and attention blocks")
+    add_arguments(p)
     args = p.parse_args(argv)
-    with AttnServeClient(args.server) as client:
+    with _client(args) as client:
         try:
             models = client.list_models().models
             for m in models:

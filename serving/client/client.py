@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import grpc
-
 from protos import attnserve_v1_pb2 as pb
 from protos import attnserve_v1_pb2_grpc as pb_grpc
+
+from .connection import Connection
 
 ATTENTION = {"none": pb.ATTENTION_NONE, "cross": pb.ATTENTION_CROSS, "self": pb.ATTENTION_SELF,
              "all": pb.ATTENTION_ALL}
@@ -35,9 +35,12 @@ def _attention(kind: str, layers=(), heads=(), mean=False) -> pb.AttentionReques
 
 
 class AttnServeClient:
-    def __init__(self, address: str = "127.0.0.1:50051", max_message_bytes: int = 64 * 1024 * 1024) -> None:
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", max_message_bytes)])
+    def __init__(self, address: str = "127.0.0.1:50051", max_message_bytes: int = 64 * 1024 * 1024,
+                 connection: Connection | None = None) -> None:
+        """`connection`: TLS files and token (default: from ATTNSERVE_TLS_CA / _TLS_CERT / _TLS_KEY / _TOKEN_FILE)."""
+        connection = connection or Connection.from_env()
+        self.channel = connection.channel(address, options=[("grpc.max_receive_message_length", max_message_bytes)])
+        self.metadata = connection.metadata()
         self.stub = pb_grpc.AttnServeStub(self.channel)
 
     def close(self) -> None:
@@ -55,7 +58,7 @@ class AttnServeClient:
         req = pb.GenerateRequest(model=pb.ModelRef(name=model, version=version), source=_source(source),
                                  options=_options(**options),
                                  attention=_attention(attention, layers, heads, mean_over_heads))
-        return self.stub.Generate(req, timeout=timeout)
+        return self.stub.Generate(req, timeout=timeout, metadata=self.metadata)
 
     def predict(self, source: str | Sequence[int], model: str = "", version: int = 0, beam_size: int = 0,
                 attention: str = "none", layers=(), heads=(), mean_over_heads: bool = False,
@@ -63,17 +66,18 @@ class AttnServeClient:
         req = pb.PredictRequest(model=pb.ModelRef(name=model, version=version), source=_source(source),
                                 options=_options(**options), beam_size=beam_size,
                                 attention=_attention(attention, layers, heads, mean_over_heads))
-        return self.stub.Predict(req, timeout=timeout)
+        return self.stub.Predict(req, timeout=timeout, metadata=self.metadata)
 
     def encode(self, source: str | Sequence[int], model: str = "", version: int = 0) -> pb.EncodeResponse:
         return self.stub.Encode(pb.EncodeRequest(model=pb.ModelRef(name=model, version=version),
-                                                 source=_source(source)))
+                                                 source=_source(source)), metadata=self.metadata)
 
     def list_models(self) -> pb.ListModelsResponse:
-        return self.stub.ListModels(pb.ListModelsRequest())
+        return self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata)
 
     def model_info(self, model: str = "", version: int = 0) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(model=pb.ModelRef(name=model, version=version)))
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(model=pb.ModelRef(name=model, version=version)),
+                                      metadata=self.metadata)
 
     def reload(self) -> pb.ListModelsResponse:
-        return self.stub.ReloadModels(pb.ReloadModelsRequest())
+        return self.stub.ReloadModels(pb.ReloadModelsRequest(), metadata=self.metadata)

@@ -1,18 +1,23 @@
-"""`python -m serving.client.healthcheck [ADDRESS] [SERVICE]`: exit 0 if the gRPC health service says SERVING.
+"""`python -m serving.client.healthcheck [ADDRESS] [SERVICE] [--tls-ca ...]`: exit 0 if health says SERVING.
 
-The compose healthcheck and the quickstart use it (grpc_health_probe is not shipped in the slim image).
+The compose healthcheck and the quickstart use it (grpc_health_probe is not shipped in the slim image). Health
+needs no token; over TLS it takes the same --tls-* flags (and ATTNSERVE_TLS_* variables) as the other clients.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .connection import Connection, add_arguments, from_arguments
 
-def check(address: str, service: str = "", timeout: float = 2.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+
+def check(address: str, service: str = "", timeout: float = 2.0, connection: Connection | None = None) -> bool:
+    connection = connection or Connection.from_env()
+    with connection.channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -25,10 +30,12 @@ def check(address: str, service: str = "", timeout: float = 2.0) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    address = argv[0] if argv else "127.0.0.1:50051"
-    service = argv[1] if len(argv) > 1 else ""
-    return 0 if check(address, service) else 1
+    p = argparse.ArgumentParser(prog="python -m serving.client.healthcheck", description=__doc__)
+    p.add_argument("address", nargs="?", default="127.0.0.1:50051")
+    p.add_argument("service", nargs="?", default="", help="'' (the server), attnserve.v1.AttnServe or model/NAME")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return 0 if check(args.address, args.service, connection=from_arguments(args)) else 1
 
 
 if __name__ == "__main__":

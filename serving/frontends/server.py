@@ -28,6 +28,7 @@ from ..engine.registry import ModelRegistry, RegistryConfig
 from ..engine.runner import RunnerConfig, check_runtime_install, resolve_providers
 from ..metrics import Metrics
 from .attnserve_v1 import AttnServeServicer
+from .security import Authorizer, SecurityConfig, server_credentials
 from .status import StatusInterceptor
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class ServerConfig:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     limits: Limits = field(default_factory=Limits)
     metrics_port: int | None = 9100  # None: no metrics endpoint; 0: a free port
-    metrics_address: str = "0.0.0.0"
+    metrics_address: str = "127.0.0.1"  # loopback by default; the container images pass 0.0.0.0
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     poll_seconds: float = 2.0  # repository scan interval for new versions; 0 disables
     grace_seconds: float = 10.0  # how long streams in flight may run on after SIGTERM
     drain_seconds: float = 1.0  # after SIGTERM, health says NOT_SERVING this long before the listener closes
@@ -117,17 +119,23 @@ async def create_server(cfg: ServerConfig) -> App:
     """Build, load the models and start serving; returns the App (its `port` is the bound port)."""
     check_runtime_install()
     resolve_providers(cfg.runner)  # --require-gpu fails here, before binding anything
+    credentials = server_credentials(cfg.security)  # so do unreadable certificates and token files
+    authorizer = Authorizer(cfg.security)
     app = App(cfg)
     limits = cfg.limits
     options = [("grpc.max_send_message_length", limits.max_message_bytes),
                ("grpc.max_receive_message_length", limits.max_message_bytes),
                ("grpc.so_reuseport", 0)]
-    interceptor = StatusInterceptor((SERVICE,), app.metrics, lambda: app.shutting_down)
+    interceptor = StatusInterceptor((SERVICE,), app.metrics, lambda: app.shutting_down, authorizer)
     server = grpc.aio.server(options=options, interceptors=[interceptor])
     pb_grpc.add_AttnServeServicer_to_server(AttnServeServicer(app.api), server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
-    reflection.enable_server_reflection((SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
-    app.port = server.add_insecure_port(cfg.address)
+    if cfg.security.reflection:
+        reflection.enable_server_reflection((SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+    if credentials is None:
+        app.port = server.add_insecure_port(cfg.address)
+    else:
+        app.port = server.add_secure_port(cfg.address, credentials)
     if app.port == 0:
         raise OSError(f"cannot bind {cfg.address}")
     app.server = server

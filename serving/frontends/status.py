@@ -1,8 +1,9 @@
 """The one place domain errors become gRPC status codes, applied to every RPC of our services by an interceptor.
 
-The interceptor also refuses calls while the server shuts down, turns requests that do not parse (e.g. a string
-field that is not valid UTF-8) into INVALID_ARGUMENT instead of grpc's generic error, tells a cancelled call
-from an expired one, and records the request metrics (method, final code, duration, in flight).
+The interceptor also refuses calls while the server shuts down, checks bearer tokens (security.py), turns
+requests that do not parse (e.g. a string field that is not valid UTF-8) into INVALID_ARGUMENT instead of grpc's
+generic error, tells a cancelled call from an expired one, and records the request metrics (method, final code,
+duration, in flight).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from ..errors import (
     NotFound,
     PermissionDenied,
     ServingError,
+    Unauthenticated,
     Unavailable,
 )
 from ..metrics import Metrics
+from .security import Authorizer
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ STATUS = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ModelFailure: grpc.StatusCode.INTERNAL,
 }
 
@@ -76,8 +80,9 @@ def _ended_code(context: grpc.aio.ServicerContext) -> str:
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, services: tuple[str, ...], metrics: Metrics, stopping: Callable[[], bool]) -> None:
-        self.services, self.metrics, self.stopping = services, metrics, stopping
+    def __init__(self, services: tuple[str, ...], metrics: Metrics, stopping: Callable[[], bool],
+                 authorizer: Authorizer | None = None) -> None:
+        self.services, self.metrics, self.stopping, self.authorizer = services, metrics, stopping, authorizer
         self._wrapped: dict[str, tuple] = {}  # method path -> (grpc's handler, ours)
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable],
@@ -111,6 +116,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         try:
             if self.stopping():
                 raise Unavailable("the server is shutting down; retry on another replica")
+            if self.authorizer is not None:  # before anything of the request is looked at
+                self.authorizer.check(method, context.invocation_metadata())
             if isinstance(request, _Unparsable):
                 raise InvalidRequest(f"the request does not parse ({request.error}); is every string field valid "
                                      "UTF-8?")
