@@ -329,3 +329,10 @@ def test_generate_command_streams_and_plots_a_heatmap(server, tmp_path, capsys):
     assert "12 attention blocks" in capsys.readouterr().out
     assert generate_main(["", "--server", server.address, "--model", "tiny"]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def test_a_huge_field_echoed_in_an_error_keeps_its_precise_status(client):
+    """Status details travel in trailing metadata (16 KiB at most): the message is clipped, the code stays."""
+    with pytest.raises(grpc.RpcError) as e:
+        client.model_info("m" * 60_000)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and len(e.value.details()) <= 2000

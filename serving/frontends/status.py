@@ -74,9 +74,19 @@ def _tolerant(deserializer: Callable | None) -> Callable | None:
     return deserialize
 
 
+DEADLINE_SLACK_S = 0.05  # a call that ends this close to its deadline ended because of it (the client's timer
+#                          fires first and cancels; the server's view of the remaining time lags a little)
+MAX_DETAILS_CHARS = 2000  # status details travel in trailing metadata (16 KiB hard limit): a message that echoes a
+#                           huge field must not turn a precise status into RESOURCE_EXHAUSTED
+
+
 def _ended_code(context: grpc.aio.ServicerContext) -> str:
     remaining = context.time_remaining()
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0.001 else "CANCELLED"
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_S else "CANCELLED"
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= MAX_DETAILS_CHARS else message[: MAX_DETAILS_CHARS - 15] + " ... (clipped)"
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
@@ -126,11 +136,14 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             code = _ended_code(context)
             raise
         except Exception as e:
+            if context.cancelled():  # the caller is gone (cancelled, or its deadline passed): nobody to answer
+                code = _ended_code(context)
+                raise asyncio.CancelledError() from e
             status, message = status_of(e)
             code = status.name
             if not isinstance(e, ServingError):
                 log.error("%s failed", method, exc_info=e)
-            await context.abort(status, message)
+            await context.abort(status, _clip(message))
         finally:
             in_flight.dec()
             m.duration.labels(method).observe(time.perf_counter() - start)
