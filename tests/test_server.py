@@ -335,4 +335,7 @@ def test_a_huge_field_echoed_in_an_error_keeps_its_precise_status(client):
     """Status details travel in trailing metadata (16 KiB at most): the message is clipped, the code stays."""
     with pytest.raises(grpc.RpcError) as e:
         client.model_info("m" * 60_000)
-    assert e.value.code() == grpc.StatusCode.NOT_FOUND and len(e.value.details()) <= 2000
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and len(e.value.details().encode()) <= 4096
+    with pytest.raises(grpc.RpcError) as e:
+        client.model_info("\u05e9" * 20_000)  # every byte percent-encoded on the wire
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND

@@ -76,8 +76,8 @@ def _tolerant(deserializer: Callable | None) -> Callable | None:
 
 DEADLINE_SLACK_S = 0.05  # a call that ends this close to its deadline ended because of it (the client's timer
 #                          fires first and cancels; the server's view of the remaining time lags a little)
-MAX_DETAILS_CHARS = 2000  # status details travel in trailing metadata (16 KiB hard limit): a message that echoes a
-#                           huge field must not turn a precise status into RESOURCE_EXHAUSTED
+MAX_DETAILS_BYTES = 4096  # status details travel percent-encoded in trailing metadata (16 KiB hard limit): a
+#                           message that echoes a huge field must not turn a precise status into RESOURCE_EXHAUSTED
 
 
 def _ended_code(context: grpc.aio.ServicerContext) -> str:
@@ -85,8 +85,17 @@ def _ended_code(context: grpc.aio.ServicerContext) -> str:
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_S else "CANCELLED"
 
 
+def _wire_bytes(text: str) -> int:
+    """Bytes of `text` as grpc-message sends it: printable ASCII as is, every other UTF-8 byte as %XX."""
+    return sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in text.encode("utf-8"))
+
+
 def _clip(message: str) -> str:
-    return message if len(message) <= MAX_DETAILS_CHARS else message[: MAX_DETAILS_CHARS - 15] + " ... (clipped)"
+    if _wire_bytes(message) <= MAX_DETAILS_BYTES:
+        return message
+    while _wire_bytes(message) > MAX_DETAILS_BYTES - 16:
+        message = message[: len(message) * 3 // 4]
+    return message + " ... (clipped)"
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
@@ -143,7 +152,13 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             code = status.name
             if not isinstance(e, ServingError):
                 log.error("%s failed", method, exc_info=e)
-            await context.abort(status, _clip(message))
+            try:
+                await context.abort(status, _clip(message))
+            except grpc.aio.AbortError:
+                raise
+            except Exception as gone:  # the call ended meanwhile (its client left): there is nobody to tell
+                code = _ended_code(context)
+                raise asyncio.CancelledError() from gone
         finally:
             in_flight.dec()
             m.duration.labels(method).observe(time.perf_counter() - start)
