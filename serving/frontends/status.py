@@ -75,14 +75,19 @@ def _tolerant(deserializer: Callable | None) -> Callable | None:
 
 
 DEADLINE_SLACK_S = 0.05  # a call that ends this close to its deadline ended because of it (the client's timer
-#                          fires first and cancels; the server's view of the remaining time lags a little)
+#                          fires first and cancels; the server's view of the remaining time lags a little) ...
+DEADLINE_SLACK_SHARE = 0.011  # ... or this share of its timeout: grpc rounds a timeout up on the wire (to 10 ms
+#                               below 10 s, to 100 ms below 100 s, ...), so the server's deadline is up to 1% late
 MAX_DETAILS_BYTES = 4096  # status details travel percent-encoded in trailing metadata (16 KiB hard limit): a
 #                           message that echoes a huge field must not turn a precise status into RESOURCE_EXHAUSTED
 
 
-def _ended_code(context: grpc.aio.ServicerContext) -> str:
+def _ended_code(context: grpc.aio.ServicerContext, timeout: float | None) -> str:
+    """Why a call ended early: its deadline (within the slack) or its client's cancellation."""
     remaining = context.time_remaining()
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_S else "CANCELLED"
+    if remaining is None or timeout is None:
+        return "CANCELLED"
+    return "DEADLINE_EXCEEDED" if remaining <= max(DEADLINE_SLACK_S, DEADLINE_SLACK_SHARE * timeout) else "CANCELLED"
 
 
 def _wire_bytes(text: str) -> int:
@@ -130,6 +135,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     async def _call(self, method: str, request, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Around one call: refuse or admit it, map what it raises, record its metrics however it ends."""
         m, start, code = self.metrics, time.perf_counter(), "OK"
+        timeout = context.time_remaining()  # as the server got it
         in_flight = m.in_flight.labels(method)
         in_flight.inc()
         try:
@@ -142,11 +148,11 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                                      "UTF-8?")
             yield
         except (asyncio.CancelledError, GeneratorExit):
-            code = _ended_code(context)
+            code = _ended_code(context, timeout)
             raise
         except Exception as e:
             if context.cancelled():  # the caller is gone (cancelled, or its deadline passed): nobody to answer
-                code = _ended_code(context)
+                code = _ended_code(context, timeout)
                 raise asyncio.CancelledError() from e
             status, message = status_of(e)
             code = status.name
@@ -157,7 +163,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise
             except Exception as gone:  # the call ended meanwhile (its client left): there is nobody to tell
-                code = _ended_code(context)
+                code = _ended_code(context, timeout)
                 raise asyncio.CancelledError() from gone
         finally:
             in_flight.dec()
