@@ -742,8 +742,9 @@ class SoakReport:
         return slope * (end - start) / (intercept + slope * start)
 
     def problems(self) -> list[str]:
-        """What a user would call wrong with this run; the metric counts as exactly as the one race allows (a
-        stream that expired before the server's handler started is counted nowhere; see tests/test_hardening.py)."""
+        """What a user would call wrong with this run, with the bounds of test_soak_metrics_count_every_stream_by_
+        how_it_ended for the metric counts (a stream that expired before the server's handler started is counted
+        nowhere; under load a short deadline can be read as a cancellation)."""
         t, d = self.tally, self.metric_deltas
         cancelled, expired, started = t.outcomes["cancelled"], t.outcomes["deadline"], t.outcomes["deadline mid-stream"]
         ended = d.get("CANCELLED", 0) + d.get("DEADLINE_EXCEEDED", 0)
@@ -754,8 +755,10 @@ class SoakReport:
                   == (self.after.threads, self.after.fds),
                   "only OK, CANCELLED, DEADLINE_EXCEEDED counted": set(d) <= {"OK", "CANCELLED", "DEADLINE_EXCEEDED"},
                   "every completed stream counted OK": d.get("OK", 0) == t.outcomes["completed"],
-                  "every cancellation counted CANCELLED, nothing else": d.get("CANCELLED", 0) == cancelled,
-                  "every ended stream counted once": cancelled + started <= ended <= cancelled + expired}
+                  "every cancellation counted CANCELLED (and at most 1% of expiries, misread under load)":
+                  cancelled <= d.get("CANCELLED", 0) <= cancelled + 0.01 * expired,
+                  "every ended stream counted once": started <= d.get("DEADLINE_EXCEEDED", 0)
+                  and ended <= cancelled + expired}
         return [name for name, ok in checks.items() if not ok]
 
     def lines(self) -> list[str]:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -67,3 +68,15 @@ def admin_access(folder: Path) -> tuple[SecurityConfig, Connection]:
     path = Path(folder) / "admin.tokens"
     path.write_text(f"# admin tokens\n{ADMIN_TOKEN}\n")
     return SecurityConfig(admin_token_file=path), Connection(token_file=path)
+
+
+def slow_down(server: ServerThread, model: str, seconds: float = 0.02) -> None:
+    """Fault injection: every decoder step of `model` takes `seconds` longer, so its streams stay open."""
+    runner = server.app.registry.get(model).runner
+    step = runner.run_decoder
+
+    def slow(feeds, attention):
+        time.sleep(seconds)
+        return step(feeds, attention)
+
+    runner.run_decoder = slow

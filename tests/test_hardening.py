@@ -30,7 +30,7 @@ from .hardening import (
     run_soak,
     soak_server,
 )
-from .server_harness import copy_version, start
+from .server_harness import copy_version, slow_down, start
 
 S = grpc.StatusCode
 
@@ -40,18 +40,6 @@ def _wait(condition, timeout: float = 30.0, what: str = "") -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def _slow_down(server, model: str, seconds: float) -> None:
-    """Fault injection: every decoder step of `model` takes `seconds` longer, so its streams outlive deadlines."""
-    runner = server.app.registry.get(model).runner
-    step = runner.run_decoder
-
-    def slow(feeds, attention):
-        time.sleep(seconds)
-        return step(feeds, attention)
-
-    runner.run_decoder = slow
 
 
 # ---------------------------------------------------------------------------------------------- fuzz
@@ -186,7 +174,7 @@ def test_a_deadline_of_ten_seconds_is_counted_as_deadline_exceeded(serving_repo)
     """10.01 s travels as "10100m" (rounded up to 100 ms): the client gives up ~90 ms before the server's
     deadline: the server allows 1.1% of the timeout as slack, as well as 50 ms."""
     s = start(serving_repo, ["noisy"], metrics_port=0, max_new_tokens=250)
-    _slow_down(s, "noisy", 0.05)  # 250 steps: 12.5 s, longer than the deadline
+    slow_down(s, "noisy", 0.05)  # 250 steps: 12.5 s, longer than the deadline
     try:
         with AttnServeClient(s.address) as c:
             with pytest.raises(grpc.RpcError) as e:

@@ -18,7 +18,7 @@ from protos import attnserve_v1_pb2_grpc as pb_grpc
 from serving.client import AttnServeClient
 from serving.client.client import _attention, _options, _source
 
-from .server_harness import admin_access, copy_version, start
+from .server_harness import admin_access, copy_version, slow_down, start
 
 INNOCENT = ["abc", "hello", "qwertyui", "mnop", "klmno", "xy"]  # no 'z': that token is poisoned below
 
@@ -49,18 +49,6 @@ def poisoned_repo(tiny_repo, tmp_path_factory):
         onnx.save(model, str(version / f"{graph}.onnx"))
     _rehash(version)
     return repo
-
-
-def _slow_down(server, model: str, seconds: float = 0.02) -> None:
-    """Fault injection: every decoder step of `model` takes `seconds` longer, so streams stay open."""
-    runner = server.app.registry.get(model).runner
-    step = runner.run_decoder
-
-    def slow(feeds, attention):
-        time.sleep(seconds)
-        return step(feeds, attention)
-
-    runner.run_decoder = slow
 
 
 def _tokens(client, text, **kw):
@@ -103,7 +91,7 @@ def test_a_poisoned_request_fails_alone_and_its_batch_peers_get_their_solo_token
 
 def test_a_dead_engine_fails_fast_reports_not_serving_and_comes_back(tiny_repo):
     s = start(tiny_repo, restart_seconds=1.5)
-    _slow_down(s, "tiny")
+    slow_down(s, "tiny")
     ch = grpc.insecure_channel(s.address)
     health = health_pb2_grpc.HealthStub(ch)
 
@@ -143,7 +131,7 @@ def test_a_dead_engine_fails_fast_reports_not_serving_and_comes_back(tiny_repo):
 
 def test_admission_queue_and_server_cap_refuse_at_once(serving_repo):
     s = start(serving_repo, ["noisy"], max_batch=1, max_queue_per_model=1, max_new_tokens=250)
-    _slow_down(s, "noisy")
+    slow_down(s, "noisy")
     try:
         with AttnServeClient(s.address) as c:
             running = c.generate("abcdefgh", max_new_tokens=200, attention="all")
@@ -169,7 +157,7 @@ def test_admission_queue_and_server_cap_refuse_at_once(serving_repo):
 
 def test_server_wide_cap_names_its_limit(serving_repo):
     s = start(serving_repo, ["noisy"], max_concurrent_requests=2, max_new_tokens=250)
-    _slow_down(s, "noisy")
+    slow_down(s, "noisy")
     try:
         with AttnServeClient(s.address) as c:
             calls = [c.generate("abcdefgh", max_new_tokens=200) for _ in range(2)]
@@ -230,7 +218,7 @@ def test_each_request_runs_the_encoder_once_and_arrivals_share_encoder_passes(se
                 reqs = [pb.EncodeRequest(source=_source(INNOCENT[i % len(INNOCENT)])) for i in range(24)]
                 return await asyncio.gather(*(stub.Encode(r) for r in reqs))
 
-        _slow_down(s, "tiny", 0.05)  # a stream keeps the engine in 50 ms steps, so the burst arrives meanwhile
+        slow_down(s, "tiny", 0.05)  # a stream keeps the engine in 50 ms steps, so the burst arrives meanwhile
         with AttnServeClient(s.address) as c:
             busy = c.generate("qwertyui", max_new_tokens=30)
             next(busy)
