@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--model", default="dates")
     where.add_argument("--server", metavar="ADDRESS", help="load a running server instead of starting one")
     where.add_argument("--server-pid", type=int, help="with --server on this machine: its pid, for CPU and RSS")
+    where.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
+                       help="a flag for the server the bench starts (repeatable), e.g. --server-flag=--threads=2")
     p.add_argument("--levels", default="1,4,16,64", help="concurrent streams per level, comma-separated")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each level's window")
@@ -125,7 +127,7 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
-def _start_server(repo: Path, model: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+def _start_server(repo: Path, model: str, log_path: Path, flags: list[str]) -> tuple[subprocess.Popen, str]:
     from serving.client.healthcheck import check
 
     with socket.socket() as s:
@@ -135,7 +137,7 @@ def _start_server(repo: Path, model: str, log_path: Path) -> tuple[subprocess.Po
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "attnserve.cli", "serve", "--repo", str(repo), "--model",
                                  model, "--address", address, "--metrics-port", "-1", "--poll-seconds", "0",
-                                 "--grace-seconds", "2", "--drain-seconds", "0", "--log-level", "WARNING"],
+                                 "--grace-seconds", "2", "--drain-seconds", "0", "--log-level", "WARNING", *flags],
                                 env=_env(), stdout=log_file, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.server is None:
                 print(f"starting attnserve serve on {args.repo} ({args.model}) ...", file=sys.stderr)
-                proc, address = _start_server(args.repo, args.model, args.out / "server.log")
+                proc, address = _start_server(args.repo, args.model, args.out / "server.log", args.server_flag)
                 pid = proc.pid
             if sys.platform != "linux":
                 pid = None
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             if pid is not None:  # a server that burns CPU while idle would inflate every per-token figure
                 idle, window = server_stats.sample(pid), min(1.0, args.duration)
                 time.sleep(window)
-                idle_cores = (server_stats.cpu_seconds(pid) - idle.cpu_s) / window
+                idle_cores = (server_stats.sample(pid).cpu_s - idle.cpu_s) / window
             level_results, peak_reset = _run_levels(levels, address, args, texts_file, pid)
         finally:
             if proc is not None:
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": _machine(),
         "ort_version": onnxruntime.__version__, "model": model,
-        "server": {"address": address, "pid": pid, "started_by_bench": proc is not None,
+        "server": {"address": address, "pid": pid, "started_by_bench": proc is not None, "flags": args.server_flag,
                    "rss_idle_bytes": idle.rss_bytes if idle else None, "idle_cpu_cores": idle_cores,
                    "peak_reset": peak_reset},
         "settings": {"levels": levels, "duration_s": args.duration, "warmup_s": args.warmup,

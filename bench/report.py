@@ -26,6 +26,8 @@ def _header(r: dict) -> list[str]:
                  + (f", {m['parameters']:,} parameters" if m.get("parameters") else "") + ")")
     srv = r["server"]
     where = "started by the bench" if srv["started_by_bench"] else f"at {srv['address']}"
+    if srv.get("flags"):
+        where += f" with `{' '.join(srv['flags'])}`"
     idle = (f", idle RSS {srv['rss_idle_bytes'] / MIB:.0f} MiB and {srv['idle_cpu_cores']:.2f} cores of CPU"
             if srv.get("rss_idle_bytes") else "")
     return [
@@ -98,13 +100,14 @@ def _rss_note(server: dict) -> str:
     if server.get("pid") is None:
         return "Server CPU and RSS not measured: no pid (--server without --server-pid, or not Linux)."
     if server.get("peak_reset"):
-        return "RSS peak is VmHWM, reset before each level."
+        return "RSS is summed over the server's processes; peak is each one's VmHWM, reset before each level."
     return "RSS peak is VmHWM since the server started (it could not be reset)."
 
 
 def to_markdown(r: dict) -> str:
     lines = _header(r) + _load_table(r["levels"]) + [""]
-    lines += ["Cost: server CPU time (utime + stime of its process, all threads) during the window over the tokens "
+    lines += ["Cost: server CPU time (utime + stime of its process and its engine processes, all threads) during "
+              "the window over the tokens "
               "generated in it, against the decoder graph's own cost per token (one step / batch) measured in "
               "process with one intra-op thread at the batch the server steps (min(streams, 32)) and the past "
               "length its padded step has (the longest of b staggered streams: mean output x b / (b + 1)); the "

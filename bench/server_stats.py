@@ -1,4 +1,5 @@
-"""CPU time and memory of another process, read from /proc (Linux only; elsewhere every reader raises OSError)."""
+"""CPU time and memory of another process and its descendants, read from /proc (Linux only; elsewhere every
+reader raises OSError). The server runs each model's engine in a child process, so a server's cost is its tree's."""
 
 from __future__ import annotations
 
@@ -11,9 +12,28 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /pr
 
 @dataclass(frozen=True)
 class ProcessSample:
-    cpu_s: float  # utime + stime of every thread of the process so far, seconds (resolution 1 / CLOCK_TICKS)
-    rss_bytes: int  # VmRSS now
-    peak_rss_bytes: int  # VmHWM: the highest RSS since start, or since the last reset_peak()
+    cpu_s: float  # utime + stime of every thread of the process and its live descendants so far, seconds
+    rss_bytes: int  # VmRSS now, summed over the tree
+    peak_rss_bytes: int  # VmHWM (the highest RSS since start or the last reset_peak()), summed over the tree
+    processes: int = 1
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (found by their parent pid in /proc/<pid>/stat)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                text = (entry / "stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            parents.setdefault(int(text[text.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += parents.get(p, [])
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -38,17 +58,29 @@ def memory_bytes(pid: int) -> tuple[int, int]:
 
 
 def sample(pid: int) -> ProcessSample:
-    rss, peak = memory_bytes(pid)
-    return ProcessSample(cpu_seconds(pid), rss, peak)
+    """The process tree of `pid`: CPU and memory summed (a child that exits takes its CPU time with it)."""
+    cpu = rss = peak = n = 0
+    for p in tree(pid):
+        try:
+            r, h = memory_bytes(p)
+            c = cpu_seconds(p)
+        except OSError:
+            if p == pid:
+                raise
+            continue  # a child that ended meanwhile
+        cpu, rss, peak, n = cpu + c, rss + r, peak + h, n + 1
+    return ProcessSample(cpu, rss, peak, n)
 
 
 def reset_peak(pid: int) -> bool:
     """Reset VmHWM to the current RSS (writing 5 to /proc/<pid>/clear_refs, Linux >= 4.0, own processes only).
 
-    Returns False where that is refused; VmHWM then stays the peak since the process started.
+    Returns False where that is refused; VmHWM then stays the peak since the process started. Every process of
+    the tree is reset.
     """
     try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        for p in tree(pid):
+            Path(f"/proc/{p}/clear_refs").write_text("5")
     except OSError:
         return False
     return True

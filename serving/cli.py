@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=_env("MAX_BATCH", d.max_batch))
     p.add_argument("--restart-seconds", type=float, default=_env("RESTART_SECONDS", d.restart_seconds),
                    help="delay before a failed model engine is restarted (doubles per recent failure, max 30 s)")
+    p.add_argument("--engine-processes", action=argparse.BooleanOptionalAction,
+                   default=_env("ENGINE_PROCESSES", d.engine_processes),
+                   help="run each model's engine in a process of its own, beside the network's (default); "
+                        "--no-engine-processes keeps them as threads of the server's process")
     for name in LIMIT_FLAGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=_env(name.upper(), getattr(lim, name)))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
@@ -78,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         metrics_address=args.metrics_address, security=security,
                         poll_seconds=args.poll_seconds, grace_seconds=args.grace_seconds,
                         drain_seconds=args.drain_seconds, max_batch=args.max_batch,
-                        restart_seconds=args.restart_seconds)
+                        restart_seconds=args.restart_seconds, engine_processes=args.engine_processes)
 
 
 def serve_main(argv: list[str] | None = None) -> int:

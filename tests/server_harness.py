@@ -39,12 +39,16 @@ class ServerThread:
 SERVER_FIELDS = {f.name for f in fields(ServerConfig)}
 
 
-def start(repo, models=(), poll_seconds=0.0, drain_seconds=0.0, metrics_port=None, **settings) -> ServerThread:
-    """A server of its own for tests that change its repository, limits (Limits fields) or ServerConfig fields."""
+def start(repo, models=(), poll_seconds=0.0, drain_seconds=0.0, metrics_port=None, engine_processes=False,
+          **settings) -> ServerThread:
+    """A server of its own for tests that change its repository, limits (Limits fields) or ServerConfig fields.
+    Engines run as threads here unless asked (tests reach into the runner to inject faults); the product's
+    default, an engine process per model, has tests of its own (test_engine_process.py)."""
     server = {k: v for k, v in settings.items() if k in SERVER_FIELDS}
     limits = Limits(**{k: v for k, v in settings.items() if k not in SERVER_FIELDS})
     return ServerThread(ServerConfig(repo=repo, address="127.0.0.1:0", metrics_port=metrics_port, models=tuple(models),
-                                     poll_seconds=poll_seconds, drain_seconds=drain_seconds, limits=limits, **server))
+                                     poll_seconds=poll_seconds, drain_seconds=drain_seconds, limits=limits,
+                                     engine_processes=engine_processes, **server))
 
 
 def copy_version(model_dir: Path, version: int, change: Callable[[dict], None] = lambda m: None,

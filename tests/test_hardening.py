@@ -144,21 +144,11 @@ def test_soak_server_returns_to_idle(soak):
 
 @pytest.mark.slow
 def test_soak_metrics_count_every_stream_by_how_it_ended(soak):
-    """Exact for completed and cancelled streams. Not for expiries: a stream whose 20 ms deadline passes before
-    the server's handler starts is ended by grpc itself and counted nowhere; one that expired after its first
-    token was surely counted, so that is the floor."""
+    """Exact but for two races on the wire, each a sliver (see SoakReport.metric_checks): an expiry read as a
+    cancellation, a cancellation that crossed the server's last message. Measured 0-3 and 0-12 in ~1,700."""
     report, _, _ = soak
-    t, d = report.tally, report.metric_deltas
-    assert set(d) <= {"OK", "CANCELLED", "DEADLINE_EXCEEDED"}, d  # nothing else, e.g. no INTERNAL or UNKNOWN
-    assert d.get("OK", 0) == t.outcomes["completed"]
-    # Every client cancellation is counted CANCELLED. A 20 ms deadline can end before the server's handler
-    # notices it is close (a loaded machine delays the server's view past the slack): such an expiry is counted
-    # CANCELLED too, so the two together are exact and the misread expiries stay a sliver (measured 0-3 in 2,500).
-    ended_early = t.outcomes["cancelled"] + t.outcomes["deadline"]
-    counted = d.get("CANCELLED", 0) + d.get("DEADLINE_EXCEEDED", 0)
-    assert t.outcomes["cancelled"] <= d.get("CANCELLED", 0) <= t.outcomes["cancelled"] + 0.01 * t.outcomes["deadline"]
-    assert t.outcomes["deadline mid-stream"] <= d.get("DEADLINE_EXCEEDED", 0) and counted <= ended_early, \
-        report.lines()
+    failed = [name for name, ok in report.metric_checks().items() if not ok]
+    assert not failed, (failed, report.lines())
 
 
 @pytest.mark.slow

@@ -172,7 +172,7 @@ class InferenceAPI:
                             last = now
                         yield ev
             finally:
-                job.cancelled = True  # a no-op once finished; otherwise the engine drops it at its next step
+                job.cancel()  # a no-op once finished; otherwise the engine drops it at its next step
 
     async def predict(self, req: PredictRequest) -> Prediction:
         async def build(served: ServedModel) -> tuple[Job, Served]:

@@ -73,7 +73,11 @@ class Engine:
         return self._thread is not None and not self._thread.is_alive()
 
     def start(self) -> None:
+        """Start the engine thread; events are handed to the running event loop."""
         self._loop = asyncio.get_running_loop()
+        self._start_thread()
+
+    def _start_thread(self) -> None:
         self._thread = threading.Thread(target=self._main, name=f"engine-{self.runner.name}", daemon=True)
         self._thread.start()
 
@@ -115,7 +119,7 @@ class Engine:
                 if isinstance(event, FinishEvent):
                     return
         finally:
-            job.cancelled = True
+            job.cancel()
 
     # ------------------------------------------------------------------ the engine thread
     def _deliver(self, batch: list[tuple[Job, list]]) -> None:
@@ -129,6 +133,11 @@ class Engine:
         if batch:
             with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
                 self._loop.call_soon_threadsafe(self._deliver, batch)
+
+    def _report_death(self, reason: BaseException) -> None:
+        if self.on_death is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self.on_death, self, reason)
 
     def _main(self) -> None:
         reason: BaseException | None = None
@@ -157,9 +166,7 @@ class Engine:
                 self._events.setdefault(job, []).append(err)
             self._send(list(self._events.items()))
             self._events = {}
-            if self.on_death is not None:
-                with contextlib.suppress(RuntimeError):
-                    self._loop.call_soon_threadsafe(self.on_death, self, reason)
+            self._report_death(reason)
 
     def _take(self) -> list[Job]:
         """Waiting jobs that fit the batch now, in arrival order (called with the lock held). Jobs that were

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +68,20 @@ class Job:
     rows: list[Row] = field(default_factory=list)  # decoder rows it holds now
     cancelled: bool = False  # set from the event loop, read by the engine at its next iteration
     done: bool = False
+    on_cancel: Callable[[Job], None] | None = None  # an engine in another process is told this way
+
+    SPEC = ("source", "attention", "deadline", "created")  # what another process needs to rebuild the job
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            if self.on_cancel is not None:
+                self.on_cancel(self)
+
+    def spec(self) -> dict:
+        """The request as plain, picklable data (no queue, tokenizer or state): `type(job)(**spec, shape=...,
+        tokenizer=...)` rebuilds it where the model runs."""
+        return {name: getattr(self, name) for name in self.SPEC}
 
     @property
     def width(self) -> int:
@@ -122,6 +137,7 @@ class SequenceJob(Job):
 
     params: DecodeParams = field(default=None)
     tokens: list[int] = field(default_factory=list)
+    SPEC = (*Job.SPEC, "params")
     text: str = ""
     first_token: float = 0.0
     rng: np.random.Generator | None = None
@@ -173,6 +189,7 @@ class BeamJob(Job):
     params: DecodeParams = field(default=None)
     beam_size: int = 2
     length_penalty: float = 1.0
+    SPEC = (*Job.SPEC, "params", "beam_size", "length_penalty")
     hypotheses: list[Hypothesis] = field(default_factory=list)
     finished: list[tuple[Hypothesis, float, str]] = field(default_factory=list)  # (hyp, normalised score, reason)
     steps: int = 0

@@ -6,6 +6,8 @@ name point to it. Requests already running finish on the version they started wi
 skipped, the old one keeps serving; a version removed from disk gives way to the newest remaining one (or the
 model is unloaded).
 
+Engines run as threads of this process or, with `engine_processes`, each in a process of its own (process.py).
+
 Supervision: when an engine dies, its model reports unhealthy at once and a fresh engine is started on the same
 sessions after a short, growing delay; listeners (health, metrics) hear of every change, whoever caused it.
 """
@@ -24,6 +26,7 @@ from model_repository import list_models, list_versions, version_dir
 
 from ..errors import InvalidRequest, NotFound
 from .engine import Engine, EngineConfig
+from .process import EngineProcess, ProcessModel
 from .runner import ModelRunner, RunnerConfig
 
 log = logging.getLogger(__name__)
@@ -32,8 +35,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class ServedModel:
     name: str  # the model's folder in the repository (the manifest's name must match it)
-    runner: ModelRunner
-    engine: Engine
+    runner: ModelRunner | ProcessModel
+    engine: Engine | EngineProcess
     restarts: int = 0
     deaths: list[float] = field(default_factory=list)  # monotonic times of recent engine deaths
 
@@ -55,6 +58,7 @@ class RegistryConfig:
     repo: Path = Path("models")
     only: tuple[str, ...] = ()  # empty: every model in the repository
     restart_seconds: float = 1.0  # delay before a dead engine is restarted; doubles per recent death, up to 30 s
+    engine_processes: bool = False  # each version's engine in a process of its own (see process.py)
 
 
 class ModelRegistry:
@@ -143,7 +147,9 @@ class ModelRegistry:
         log.warning("unloading %s v%d: %s (requests in flight finish first)", name, served.runner.version, why)
         return f"{name} v{served.runner.version} unloaded"
 
-    def _load(self, path: Path) -> ModelRunner:
+    def _load(self, path: Path) -> ModelRunner | ProcessModel:
+        if self.cfg.engine_processes:
+            return ProcessModel.load(path, self.runner_cfg, self.engine_cfg)
         runner = ModelRunner(path, self.runner_cfg)
         runner.warm_up()
         return runner
@@ -152,8 +158,11 @@ class ModelRegistry:
         engine.retire()
         self._retired.append(engine)
 
-    def _engine(self, runner: ModelRunner) -> Engine:
-        engine = Engine(runner, self.engine_cfg, on_death=self._engine_died)
+    def _engine(self, runner: ModelRunner | ProcessModel) -> Engine | EngineProcess:
+        if isinstance(runner, ProcessModel):
+            engine = runner.engine(on_death=self._engine_died)  # the process `_load` or `_restart` started
+        else:
+            engine = Engine(runner, self.engine_cfg, on_death=self._engine_died)
         engine.start()
         return engine
 
@@ -176,6 +185,16 @@ class ModelRegistry:
         await asyncio.sleep(delay)
         if served.engine is not dead or self.models.get(served.name) is not served:
             return  # swapped or unloaded meanwhile
+        if isinstance(served.runner, ProcessModel):
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.executor, served.runner.spawn)
+            except Exception as e:  # its files changed or vanished meanwhile: count it as another death
+                log.error("could not restart the engine of %s v%d: %s", served.name, served.runner.version, e)
+                self._engine_died(dead, e)
+                return
+            if served.engine is not dead or self.models.get(served.name) is not served:
+                served.runner.discard()
+                return
         served.engine = self._engine(served.runner)
         served.restarts += 1
         log.info("engine of %s v%d restarted", served.runner.name, served.runner.version)

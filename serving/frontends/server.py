@@ -53,6 +53,7 @@ class ServerConfig:
     max_batch: int = 32
     worker_threads: int = 2  # model loading and long tokenizations run here, never on the event loop
     restart_seconds: float = 1.0  # delay before a dead engine is restarted (doubles per recent death, max 30 s)
+    engine_processes: bool = True  # each model's engine in a process of its own; False: threads of this one
 
 
 class App:
@@ -64,7 +65,8 @@ class App:
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(cfg.worker_threads, thread_name_prefix="worker")
         self.health = health.aio.HealthServicer()
-        self.registry = ModelRegistry(RegistryConfig(cfg.repo, cfg.models, cfg.restart_seconds), cfg.runner,
+        self.registry = ModelRegistry(RegistryConfig(cfg.repo, cfg.models, cfg.restart_seconds,
+                                                     cfg.engine_processes), cfg.runner,
                                       EngineConfig(cfg.max_batch, cfg.limits.max_queue_per_model), self.executor)
         self.api = InferenceAPI(self.registry, cfg.limits, self.executor, self.metrics)
         self.registry.add_listener(self._models_changed)

@@ -1,0 +1,120 @@
+"""The engine process: one model version's sessions and engine in a process of their own (the child's side).
+
+The server's process keeps the network (gRPC, its event loop, protobuf) and this process keeps the model work
+(ONNX Runtime, the engine's Python), so neither waits for the other's interpreter lock: on a 2-core machine the
+two run side by side instead of taking turns. They talk over one pipe (`multiprocessing` connection):
+
+    server -> engine   ("submit", job id, job class, spec)   ("cancel", job id)   ("retire",)
+    engine -> server   ("ready", providers) or ("failed", message), once, after loading and warming up
+                       ("events", [(job id, events)], stats)   once per iteration that has events or changed
+                       the engine's load; stats: steps, encoder passes, jobs waiting, load, session runs
+                       ("dead", message): the engine thread failed; the process then exits
+
+The process ends when its engine has finished after a retire, when it died, or when the server's end of the pipe
+closes (the server exited or gave up on it). It ignores SIGINT: the server decides when it stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import weakref
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from ..errors import ServingError
+from .engine import Engine, EngineConfig
+from .jobs import BeamJob, EncodeJob, Job, SequenceJob
+from .runner import ModelRunner, RunnerConfig
+
+log = logging.getLogger(__name__)
+JOB_TYPES: dict[str, type[Job]] = {cls.__name__: cls for cls in (SequenceJob, BeamJob, EncodeJob)}
+
+
+def _portable(event):
+    """Events cross the pipe pickled: an exception of a foreign type (onnxruntime's) goes as a RuntimeError."""
+    if isinstance(event, BaseException) and not isinstance(event, ServingError):
+        return RuntimeError(f"{type(event).__name__}: {event}")
+    return event
+
+
+class HostedEngine(Engine):
+    """The engine thread as usual; its events and its death go down the pipe instead of to an event loop."""
+
+    def __init__(self, runner: ModelRunner, cfg: EngineConfig, conn: Connection) -> None:
+        super().__init__(runner, cfg)
+        self.conn, self._lock, self._last_load = conn, threading.Lock(), 0
+        self.ids: weakref.WeakKeyDictionary[Job, int] = weakref.WeakKeyDictionary()  # the server's id of each job
+
+    def start(self) -> None:
+        self._start_thread()
+
+    def send(self, message: tuple) -> None:
+        with self._lock, contextlib.suppress(OSError, ValueError):  # the server is gone: nobody to tell
+            self.conn.send(message)
+
+    def _send(self, batch: list) -> None:
+        batch = [(self.ids[job], [_portable(e) for e in events]) for job, events in batch
+                 if events and job in self.ids]
+        load = len(self.waiting) + len(self.active)
+        if batch or load != self._last_load:  # the server also hears when a cancelled job has left
+            self._last_load = load
+            self.send(("events", batch, self.stats()))
+
+    def stats(self) -> dict:
+        return {"steps": self.steps, "encoder_passes": self.encoder_passes, "waiting": len(self.waiting),
+                "load": len(self.waiting) + len(self.active), "calls": dict(self.runner.calls)}
+
+    def _report_death(self, reason: BaseException) -> None:
+        self.send(("dead", f"{type(reason).__name__}: {reason}"))
+
+
+def main(conn: Connection, path: str, runner_cfg: RunnerConfig, engine_cfg: EngineConfig, log_level: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s [engine {os.getpid()}]: "
+                        "%(message)s")
+    try:
+        runner = ModelRunner(Path(path), runner_cfg)
+        runner.warm_up()
+    except Exception as e:  # ModelLoadError or anything else: the server logs it and keeps what it serves
+        conn.send(("failed", str(e) if isinstance(e, ServingError) else f"{type(e).__name__}: {e}"))
+        return
+    engine = HostedEngine(runner, engine_cfg, conn)
+    engine.send(("ready", runner.providers))
+    engine.start()
+    threading.Thread(target=_end_with, args=(engine, conn), daemon=True).start()
+    by_id: dict[int, Job] = {}
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            break  # the server closed its end: stop with it
+        kind = message[0]
+        if kind == "submit":
+            _, job_id, type_name, spec = message
+            job = JOB_TYPES[type_name](**spec, shape=runner.shape, tokenizer=runner.tokenizer)
+            by_id = {i: j for i, j in by_id.items() if not (j.done or j.cancelled)}
+            by_id[job_id] = job
+            engine.ids[job] = job_id
+            try:
+                engine.submit(job)
+            except ServingError as e:
+                    engine.send(("events", [(job_id, [e])], engine.stats()))
+        elif kind == "cancel":
+            job = by_id.pop(message[1], None)
+            if job is not None:
+                job.cancelled = True  # the engine drops it at its next iteration
+        elif kind == "retire":
+            engine.retire()
+    os._exit(0)  # no interpreter teardown racing the engine thread
+
+
+def _end_with(engine: HostedEngine, conn: Connection) -> None:
+    """When the engine thread ends (retired and drained, or dead), the process ends too."""
+    engine._thread.join()
+    with contextlib.suppress(OSError):
+        conn.close()
+    os._exit(0)
