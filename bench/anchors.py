@@ -173,7 +173,32 @@ def ort_anchors(sessions: dict, cfg: dict, src_len: int, budget_s: float = 0.5) 
         feeds = decoder_feeds(sessions["decoder"], cfg, batch, 16, src_len)
         m = interleaved_medians({g: step(g, feeds) for g in ("decoder", "decoder_attn")}, budget_s)
         out.append(_comparison(f"ORT decoder step without vs with attention outputs, batch {batch}, past 16", m))
+    for batch in (1, 16):
+        feeds = decoder_feeds(sessions["decoder"], cfg, batch, 16, src_len)
+        m = interleaved_medians({"run() on numpy": step("decoder", feeds),
+                                 "IO binding, OrtValues": _bound_step(sessions["decoder"], feeds)}, budget_s)
+        out.append(_comparison(f"ORT decoder step, numpy in and out vs IO binding, batch {batch}, past 16", m,
+                               "inputs bound once as OrtValues, outputs left to ORT (as a cache kept in OrtValues "
+                               "from step to step would be)"))
     return out
+
+
+def _bound_step(session, feeds: dict) -> Callable[[], object]:
+    """A decoder step through IO binding: inputs bound once as OrtValues, outputs allocated by ONNX Runtime and
+    kept as OrtValues (no numpy on either side), as an engine keeping its caches in OrtValues would run it."""
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
+    for o in session.get_outputs():
+        binding.bind_output(o.name, "cpu")
+
+    def run() -> object:
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    return run
 
 
 def torch_anchors(checkpoint: Path, sessions: dict, cfg: dict, int8_dir: Path | None, max_new_tokens: int,
