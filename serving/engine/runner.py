@@ -75,6 +75,8 @@ def session_options(cfg: RunnerConfig) -> ort.SessionOptions:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = cfg.intra_op_threads
     so.inter_op_num_threads = 1
+    if cfg.intra_op_threads > 1:  # idle pool threads sleep instead of spinning: the spin took the core gRPC needs
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     return so
 
