@@ -1,8 +1,10 @@
-# syntax=docker/dockerfile:1
-# Three images from one file:
-#   serve      slim server + client: onnxruntime, grpc, numpy; no torch
-#   serve-gpu  the same on onnxruntime-gpu (CUDA execution provider), on a CUDA runtime base
-#   export     torch (CPU), onnx, onnxscript: turns checkpoints into model-repository versions
+# Three images from one file (build one with --target; BuildKit builds only the stages a target needs):
+#   serve      slim server + client: onnxruntime, grpc, numpy; no torch; runs as uid 10001, fine read-only
+#   serve-gpu  the same on onnxruntime-gpu (CUDA execution provider), on a CUDA runtime base. Untested here:
+#              no GPU machine has built or run it; the CUDA path is unproven (BENCHMARKS.md)
+#   export     torch (CPU-only wheels by default), onnx, onnxscript: turns checkpoints into repository versions
+# PYTHON_IMAGE and CUDA_IMAGE name the public bases; scripts/local-base-image.sh makes a stand-in for machines
+# that cannot pull them (the image does not depend on it).
 ARG PYTHON_IMAGE=python:3.11-slim
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", 9100), help="-1 disables metrics")
     p.add_argument("--metrics-address", default=_env("METRICS_ADDRESS", d.metrics_address),
                    help="interface of the metrics endpoint (default loopback; 0.0.0.0 in the container images)")
+    p.add_argument("--health-port", type=int, default=_env("HEALTH_PORT", -1),
+                   help="also serve grpc.health.v1 alone, in plaintext, on this port (for probes that cannot "
+                        "speak TLS, such as the kubelet's gRPC probes); -1 (default): off")
     sec = p.add_argument_group("security", "TLS, mutual TLS and bearer tokens on the gRPC port")
     for name, help_text in (("tls_cert", "PEM certificate chain: serve TLS"), ("tls_key", "its PEM private key"),
                             ("tls_client_ca", "mutual TLS: clients must present a certificate signed by this CA"),
@@ -80,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(repo=args.repo, address=args.address, models=tuple(models), runner=runner, limits=limits,
                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                         metrics_address=args.metrics_address, security=security,
+                        health_port=None if args.health_port < 0 else args.health_port,
                         poll_seconds=args.poll_seconds, grace_seconds=args.grace_seconds,
                         drain_seconds=args.drain_seconds, max_batch=args.max_batch,
                         restart_seconds=args.restart_seconds, engine_processes=args.engine_processes)

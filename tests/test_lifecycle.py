@@ -22,11 +22,12 @@ def test_health_flips_on_load_and_on_shutdown(tiny_repo, tmp_path):
     ch = grpc.insecure_channel(s.address)
     health = health_pb2_grpc.HealthStub(ch)
 
-    def status():
-        return health.Check(health_pb2.HealthCheckRequest(service="attnserve.v1.AttnServe")).status
+    def status(service="attnserve.v1.AttnServe"):
+        return health.Check(health_pb2.HealthCheckRequest(service=service)).status
 
     try:
         assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert status("liveness") == health_pb2.HealthCheckResponse.SERVING  # alive, waiting for a model
         shutil.copytree(tiny_repo / "tiny", repo / "tiny")
         with AttnServeClient(s.address, connection=admin) as c:
             assert [m.name for m in c.reload().models] == ["tiny"]
@@ -35,7 +36,7 @@ def test_health_flips_on_load_and_on_shutdown(tiny_repo, tmp_path):
             first = next(stream)
             fut = asyncio.run_coroutine_threadsafe(s.app.stop(grace=5), s.loop)
             time.sleep(0.3)
-            assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert status() == status("liveness") == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(grpc.RpcError) as e:
                 c.predict("abc")
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -106,6 +106,26 @@ def test_tls_serves_tls_clients_and_refuses_plaintext_and_strangers(serving_repo
         s.stop()
 
 
+def test_a_plaintext_health_port_beside_tls_serves_health_and_nothing_else(serving_repo, pki):
+    """For probes that cannot speak TLS (the kubelet's gRPC probes): health in plaintext, model calls not."""
+    s = start(serving_repo, ["tiny"], health_port=0,
+              security=SecurityConfig(tls_cert=pki["server_cert"], tls_key=pki["server_key"]))
+    try:
+        assert s.app.health_port not in (None, 0, s.app.port)
+        with grpc.insecure_channel(f"127.0.0.1:{s.app.health_port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            for service in ("", "liveness", "model/tiny"):
+                assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+            with AttnServeClient(f"127.0.0.1:{s.app.health_port}") as plain:
+                assert _status(lambda: plain.predict("abc", timeout=5)) == grpc.StatusCode.UNIMPLEMENTED
+            s.call(s.app.stop(0))
+            with pytest.raises(grpc.RpcError):  # stopped with the server
+                health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=2)
+    finally:
+        s.stop()
+
+
 def test_mutual_tls_wants_a_client_certificate_from_its_ca(serving_repo, pki):
     s = start(serving_repo, ["tiny"], security=SecurityConfig(
         tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=pki["ca"]))

@@ -2,7 +2,8 @@
 
 Health follows the registry, whoever changed it (the poller, ReloadModels, an engine dying or coming back):
 `""` and `attnserve.v1.AttnServe` are SERVING while every loaded model is healthy and at least one is loaded;
-`model/NAME` tells about one model.
+`model/NAME` tells about one model; `liveness` is SERVING from start until shutdown begins, whatever the models
+do (for liveness probes: a server waiting for its first model is alive, not broken).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from ..engine.runner import RunnerConfig, check_runtime_install, resolve_provide
 from ..metrics import Metrics
 from .attnserve_v1 import AttnServeServicer
 from .security import Authorizer, SecurityConfig, server_credentials
-from .status import StatusInterceptor
+from .status import StatusInterceptor, quiet_client_departures
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["AttnServe"].full_name  # attnserve.v1.AttnServe
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+LIVENESS_SERVICE = "liveness"
 MODEL_HEALTH_PREFIX = "model/"  # per-model health names: model/dates ('/' never occurs in a model name)
 
 
@@ -46,6 +48,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     metrics_port: int | None = 9100  # None: no metrics endpoint; 0: a free port
     metrics_address: str = "127.0.0.1"  # loopback by default; the container images pass 0.0.0.0
+    health_port: int | None = None  # a plaintext port serving grpc.health.v1 only (probes that cannot speak TLS)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     poll_seconds: float = 2.0  # repository scan interval for new versions; 0 disables
     grace_seconds: float = 10.0  # how long streams in flight may run on after SIGTERM
@@ -74,6 +77,8 @@ class App:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port: int | None = None
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
         self._watcher: asyncio.Task | None = None
         self._health_names: set[str] = set()
         self._health_tasks: set[asyncio.Task] = set()
@@ -92,6 +97,7 @@ class App:
         serving = not self.shutting_down and bool(models) and all(s.healthy for s in models.values())
         for service in ("", SERVICE):
             await self.health.set(service, up if serving else down)
+        await self.health.set(LIVENESS_SERVICE, down if self.shutting_down else up)
         names = {MODEL_HEALTH_PREFIX + n for n in models}
         for name, served in models.items():
             ok = served.healthy and not self.shutting_down
@@ -112,6 +118,8 @@ class App:
         await asyncio.sleep(self.cfg.drain_seconds)
         if self.server is not None:
             await self.server.stop(self.cfg.grace_seconds if grace is None else grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.registry.close()
         self.metrics.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -128,6 +136,7 @@ async def create_server(cfg: ServerConfig) -> App:
     options = [("grpc.max_send_message_length", limits.max_message_bytes),
                ("grpc.max_receive_message_length", limits.max_message_bytes),
                ("grpc.so_reuseport", 0)]
+    quiet_client_departures()
     interceptor = StatusInterceptor((SERVICE,), app.metrics, lambda: app.shutting_down, authorizer)
     server = grpc.aio.server(options=options, interceptors=[interceptor])
     pb_grpc.add_AttnServeServicer_to_server(AttnServeServicer(app.api), server)
@@ -141,8 +150,12 @@ async def create_server(cfg: ServerConfig) -> App:
     if app.port == 0:
         raise OSError(f"cannot bind {cfg.address}")
     app.server = server
+    if cfg.health_port is not None:
+        app.health_server, app.health_port = _health_only(app, cfg.address.rsplit(":", 1)[0], cfg.health_port)
     await app.sync_health()  # NOT_SERVING until a model is loaded
     await server.start()
+    if app.health_server is not None:
+        await app.health_server.start()
     if cfg.metrics_port is not None:
         app.metrics_port = app.metrics.start(cfg.metrics_port, cfg.metrics_address)
     await app.registry.refresh()
@@ -152,6 +165,17 @@ async def create_server(cfg: ServerConfig) -> App:
     if cfg.poll_seconds > 0:
         app._watcher = asyncio.get_running_loop().create_task(_watch(app))
     return app
+
+
+def _health_only(app: App, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """grpc.health.v1 alone, in plaintext, for probes that cannot speak TLS (the kubelet's gRPC probes): the same
+    statuses as the main port, nothing else (any other service answers UNIMPLEMENTED)."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the health port {host}:{port}")
+    return server, bound
 
 
 async def _watch(app: App) -> None:

@@ -103,6 +103,26 @@ def _clip(message: str) -> str:
     return message + " ... (clipped)"
 
 
+class _ClientGone(logging.Filter):
+    """grpc.aio logs ExecuteBatchError with a traceback when a response is written to a call its client has just
+    left (cancelled, or its deadline passed) before the server heard of it: a race every busy streaming server
+    meets, not a fault. Such a record is logged at DEBUG instead; the call is counted as the client ended it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if type(exc).__name__ == "ExecuteBatchError" and "Send" in str(exc):
+            log.debug("a write met a call its client had already left: %s", record.getMessage())
+            return False
+        return True
+
+
+def quiet_client_departures() -> None:
+    """Install the filter above on grpc's logger (once)."""
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _ClientGone) for f in grpc_log.filters):
+        grpc_log.addFilter(_ClientGone())
+
+
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, services: tuple[str, ...], metrics: Metrics, stopping: Callable[[], bool],
                  authorizer: Authorizer | None = None) -> None:
@@ -181,6 +201,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         async def behaviour(request, context):
             async with self._call(method, request, context), contextlib.aclosing(fn(request, context)) as items:
                 async for item in items:
+                    if context.cancelled():  # the client left: writing would fail in grpc's core
+                        raise asyncio.CancelledError()
                     yield item
 
         return behaviour
