@@ -167,3 +167,48 @@ def test_the_secure_service_serves_tls_and_tokens_from_its_compose_secrets(tiny_
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _frames():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("frames", ROOT / "deploy" / "compose" / "grpc_health_frames.py")
+    frames = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frames)
+    return frames
+
+
+def test_the_load_balancers_grpc_health_check_is_the_request_its_comment_describes():
+    """haproxy.cfg sends raw HTTP/2 bytes: exactly what grpc_health_frames.py builds."""
+    frames, cfg = _frames(), (ROOT / "deploy" / "compose" / "haproxy.cfg").read_text()
+    assert f"tcp-check send-binary {frames.request().hex()}\n" in cfg
+    assert f"tcp-check expect binary {frames.SERVING.hex()}\n" in cfg
+
+
+def _answer(port: int, request: bytes, wanted: bytes, seconds: float = 3.0) -> bytes:
+    """What a server sends back to the raw bytes (until `wanted` shows up or `seconds` pass)."""
+    got, deadline = b"", time.monotonic() + seconds
+    with socket.create_connection(("127.0.0.1", port), timeout=seconds) as s:
+        s.sendall(request)
+        while wanted not in got and time.monotonic() < deadline:
+            try:
+                chunk = s.recv(4096)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+def test_the_raw_health_check_gets_serving_from_a_ready_server_only(serving_repo, tmp_path):
+    from .server_harness import start
+
+    frames = _frames()
+    ready, empty = start(serving_repo, ["tiny"]), start(tmp_path)  # the second has no model: NOT_SERVING
+    try:
+        assert frames.SERVING in _answer(ready.app.port, frames.request(), frames.SERVING)
+        assert frames.SERVING not in _answer(empty.app.port, frames.request(), frames.SERVING)
+    finally:
+        ready.stop()
+        empty.stop()
