@@ -25,6 +25,18 @@ EXPOSE 50051 9100
 ENTRYPOINT ["attnserve"]
 CMD ["serve", "--repo", "/models", "--address", "0.0.0.0:50051", "--metrics-port", "9100", "--metrics-address", "0.0.0.0"]
 
+FROM ${PYTHON_IMAGE} AS export
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY --from=serve /app /app
+RUN pip install --extra-index-url "${TORCH_INDEX}" '.[export,cpu]'
+COPY checkpoints ./checkpoints
+ENTRYPOINT ["attnserve"]
+CMD ["export", "checkpoints/dates", "--repo", "/models", "--name", "dates", "--if-changed"]
+
+# Last, so builders that build every stage before the target (the legacy one) never need the CUDA base
+# for the other two images.
 FROM ${CUDA_IMAGE} AS serve-gpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_BREAK_SYSTEM_PACKAGES=1
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv \
@@ -38,13 +50,3 @@ EXPOSE 50051 9100
 ENTRYPOINT ["attnserve"]
 CMD ["serve", "--repo", "/models", "--address", "0.0.0.0:50051", "--providers", "cuda,cpu", "--require-gpu", \
      "--metrics-address", "0.0.0.0"]
-
-FROM ${PYTHON_IMAGE} AS export
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-WORKDIR /app
-COPY --from=serve /app /app
-RUN pip install --extra-index-url "${TORCH_INDEX}" '.[export,cpu]'
-COPY checkpoints ./checkpoints
-ENTRYPOINT ["attnserve"]
-CMD ["export", "checkpoints/dates", "--repo", "/models", "--name", "dates", "--if-changed"]

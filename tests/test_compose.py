@@ -155,6 +155,7 @@ def test_one_client_channel_is_spread_over_every_replica(stack):
     assert set(codes) == {"OK"}, codes
     served = {name: _metric(_scrape(stack.ip(name), 9100), "attnserve_requests_total", method="Generate") - n
               for name, n in before.items()}
+    print(f"60 streams over one channel for 6 s: {dict(codes)}; per replica: {sorted(served.values())}")
     assert all(n >= 10 for n in served.values()), served
     assert sum(served.values()) == codes["OK"]  # every call reached exactly one replica
 
@@ -175,6 +176,8 @@ def test_a_killed_replica_fails_only_its_streams_and_rejoins(stack):
     killed, codes, error_times, calls = asyncio.run(load_and_kill())
     assert time.monotonic() - start < 8.0 + 25  # none hangs: every call ended by its own deadline at worst
     failed = sum(n for code, n in codes.items() if code != "OK")
+    print(f"replica killed under 60 streams: {dict(codes)} of {calls} calls; failures at "
+          f"{sorted(round(t - killed, 3) for t in error_times)} s after the kill")
     # Only the streams in flight on the killed replica fail (at most a third of the 60), all at the kill;
     # calls after it go to the two left (HAProxy retries a refused connection elsewhere). HAProxy 2.6 is not
     # gRPC-aware: it ends a stream whose replica vanished without gRPC trailers, which clients read as UNKNOWN.
