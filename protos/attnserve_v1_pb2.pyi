@@ -77,7 +77,7 @@ class AttentionRequest(_message.Message):
     layers: _containers.RepeatedScalarFieldContainer[int]
     heads: _containers.RepeatedScalarFieldContainer[int]
     mean_over_heads: bool
-    def __init__(self, kind: _Optional[_Union[AttentionKind, str]] = ..., layers: _Optional[_Iterable[int]] = ..., heads: _Optional[_Iterable[int]] = ..., mean_over_heads: _Optional[bool] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[AttentionKind, str]] = ..., layers: _Optional[_Iterable[int]] = ..., heads: _Optional[_Iterable[int]] = ..., mean_over_heads: bool = ...) -> None: ...
 
 class AttentionTensor(_message.Message):
     __slots__ = ("kind", "layer", "head_indices", "mean_over_heads", "query_length", "key_length", "weights")
@@ -95,7 +95,7 @@ class AttentionTensor(_message.Message):
     query_length: int
     key_length: int
     weights: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, kind: _Optional[str] = ..., layer: _Optional[int] = ..., head_indices: _Optional[_Iterable[int]] = ..., mean_over_heads: _Optional[bool] = ..., query_length: _Optional[int] = ..., key_length: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, kind: _Optional[str] = ..., layer: _Optional[int] = ..., head_indices: _Optional[_Iterable[int]] = ..., mean_over_heads: bool = ..., query_length: _Optional[int] = ..., key_length: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "source", "options", "attention")
@@ -271,7 +271,7 @@ class AttentionBlock(_message.Message):
     heads: int
     head_dim: int
     probabilities_exported: bool
-    def __init__(self, graph: _Optional[str] = ..., block: _Optional[str] = ..., layer: _Optional[int] = ..., kind: _Optional[str] = ..., heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., probabilities_exported: _Optional[bool] = ...) -> None: ...
+    def __init__(self, graph: _Optional[str] = ..., block: _Optional[str] = ..., layer: _Optional[int] = ..., kind: _Optional[str] = ..., heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., probabilities_exported: bool = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_source_tokens", "max_new_tokens", "max_concurrent_streams", "max_message_bytes")

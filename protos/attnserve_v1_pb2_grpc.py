@@ -5,7 +5,7 @@ import warnings
 
 from protos import attnserve_v1_pb2 as protos_dot_attnserve__v1__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class AttnServeStub:
+class AttnServeStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -66,7 +66,7 @@ class AttnServeStub:
                 _registered_method=True)
 
 
-class AttnServeServicer:
+class AttnServeServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
@@ -150,7 +150,7 @@ def add_AttnServeServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class AttnServe:
+class AttnServe(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from .conftest import ROOT
 
 
@@ -61,3 +63,40 @@ def test_cli_lists_commands_and_rejects_unknown_ones():
     assert ok.returncode == 0 and "serve" in ok.stdout and "export" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "attnserve.cli", "fly"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "unknown command 'fly'" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protobuf", ["6.31.1", "7.36.2"])
+def test_the_stubs_load_on_the_oldest_and_newest_protobuf_allowed(protobuf, tmp_path):
+    """pyproject allows protobuf 6.31.1 up to 7.x (so tritonclient[grpc], which needs < 7, installs beside
+    attnserve): the stubs load and round-trip a message on both ends of that range, each installed on its own."""
+    target = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                          f"protobuf=={protobuf}"], capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    code = textwrap.dedent("""
+        import google.protobuf, warnings
+        warnings.simplefilter("error")  # a gencode/runtime version warning fails the test too
+        from protos import attnserve_v1_pb2 as pb
+        req = pb.GenerateRequest(source=pb.Source(text="July 4, 1976"), attention=pb.AttentionRequest(layers=[1]))
+        assert pb.GenerateRequest.FromString(req.SerializeToString()) == req
+        print(google.protobuf.__version__)
+    """)
+    env = {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{ROOT}"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == [protobuf]
+
+
+def test_tritonclient_installs_and_imports_beside_attnserve():
+    """The dev environment holds both (pip resolved them together); both import in one process."""
+    from importlib import metadata
+
+    import tritonclient.grpc as triton
+
+    import serving.client  # noqa: F401
+    from protos import attnserve_v1_pb2  # noqa: F401
+
+    assert tuple(int(x) for x in metadata.version("tritonclient").split(".")[:2]) >= (2, 73)
+    assert triton.InferenceServerClient is not None
