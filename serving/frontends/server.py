@@ -28,6 +28,7 @@ from ..engine.engine import EngineConfig
 from ..engine.registry import ModelRegistry, RegistryConfig
 from ..engine.runner import RunnerConfig, check_runtime_install, resolve_providers
 from ..metrics import Metrics
+from . import kserve_v2
 from .attnserve_v1 import AttnServeServicer
 from .security import Authorizer, SecurityConfig, server_credentials
 from .status import StatusInterceptor, quiet_client_departures
@@ -89,12 +90,17 @@ class App:
         self._health_tasks.add(task)
         task.add_done_callback(self._health_tasks.discard)
 
+    def serving(self) -> bool:
+        """Ready for traffic: at least one model loaded, every loaded model's engine running, not stopping."""
+        models = self.registry.models
+        return not self.shutting_down and bool(models) and all(s.healthy for s in models.values())
+
     async def sync_health(self) -> None:
         """Every health name from the registry's state now."""
         models = self.registry.models
         up = health_pb2.HealthCheckResponse.SERVING
         down = health_pb2.HealthCheckResponse.NOT_SERVING
-        serving = not self.shutting_down and bool(models) and all(s.healthy for s in models.values())
+        serving = self.serving()
         for service in ("", SERVICE):
             await self.health.set(service, up if serving else down)
         await self.health.set(LIVENESS_SERVICE, down if self.shutting_down else up)
@@ -137,9 +143,10 @@ async def create_server(cfg: ServerConfig) -> App:
                ("grpc.max_receive_message_length", limits.max_message_bytes),
                ("grpc.so_reuseport", 0)]
     quiet_client_departures()
-    interceptor = StatusInterceptor((SERVICE,), app.metrics, lambda: app.shutting_down, authorizer)
+    interceptor = StatusInterceptor((SERVICE, kserve_v2.SERVICE), app.metrics, lambda: app.shutting_down, authorizer)
     server = grpc.aio.server(options=options, interceptors=[interceptor])
     pb_grpc.add_AttnServeServicer_to_server(AttnServeServicer(app.api), server)
+    kserve_v2.add_to_server(kserve_v2.KServeServicer(app.api, app.serving, cfg.max_batch), server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     if cfg.security.reflection:
         reflection.enable_server_reflection((SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)

@@ -149,6 +149,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream:
             return handler._replace(request_deserializer=deserializer,
                                     unary_stream=self._stream(handler.unary_stream, method))
+        if handler.stream_stream:  # each request of the stream is the servicer's to answer (or refuse) in it
+            return handler._replace(request_deserializer=deserializer,
+                                    stream_stream=self._bidi(handler.stream_stream, method))
         return handler
 
     @contextlib.asynccontextmanager
@@ -194,6 +197,16 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         async def behaviour(request, context):
             async with self._call(method, request, context):
                 return await fn(request, context)
+
+        return behaviour
+
+    def _bidi(self, fn, method: str):
+        async def behaviour(requests, context):
+            async with self._call(method, None, context), contextlib.aclosing(fn(requests, context)) as items:
+                async for item in items:
+                    if context.cancelled():
+                        raise asyncio.CancelledError()
+                    yield item
 
         return behaviour
 

@@ -1,0 +1,231 @@
+"""The Open Inference Protocol (KServe v2) over gRPC, `inference.GRPCInferenceService`, on the engine API.
+
+Field mapping only (tensors in `kserve_tensors.py`): ModelInfer is a Predict per batch row (rows go through the
+engine's batching together) plus an Encode per row when the Encode outputs are named; ModelStreamInfer is
+Triton's decoupled streaming, a Generate per request with one response per token. Errors of unary calls are the
+interceptor's statuses; a failed request of a stream is an `error_message` in it, and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from importlib import metadata
+
+import grpc
+import numpy as np
+
+from protos import kserve_v2_pb2 as pb
+
+from ..api.service import InferenceAPI
+from ..domain import EncodeRequest, FinishEvent, GenerateRequest, ModelRef, PredictRequest, TokenEvent
+from ..errors import InvalidRequest, ServingError
+from . import convert
+from . import kserve_tensors as t
+from .status import status_of
+
+SERVICE = "inference.GRPCInferenceService"
+PLATFORM = "attnserve"
+_CONFIG_TYPES = {"BYTES": pb.TYPE_STRING, "INT64": pb.TYPE_INT64, "FP32": pb.TYPE_FP32}
+_STREAMED = {"TEXT", "TOKEN_IDS", "LOGPROBS", "CROSS_ATTENTION", "DECODER_SELF_ATTENTION"}
+
+
+def _version() -> str:
+    try:
+        return metadata.version("attnserve")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+class KServeServicer:
+    def __init__(self, api: InferenceAPI, ready: Callable[[], bool], max_batch: int) -> None:
+        self.api, self.ready, self.max_batch = api, ready, max_batch
+
+    # ------------------------------------------------------------------ health and metadata
+    async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        try:
+            served = self.api.registry.get(request.name, t.version_of(request.version, request.name))
+        except ServingError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=served.healthy)
+
+    async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="attnserve", version=_version(),
+                                         extensions=["model_configuration", "parameters"])
+
+    def _describe(self, name: str, version: str):
+        if not name:
+            raise InvalidRequest("name is empty; name the model")
+        return self.api.describe(ModelRef(name, t.version_of(version, name)))
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+        d = self._describe(request.name, request.version)
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=d.manifest.name, versions=[str(d.manifest.version)], platform=PLATFORM,
+            inputs=[meta(name=n, datatype=dt, shape=s) for n, (dt, s) in t.INPUTS.items()],
+            outputs=[meta(name=n, datatype=dt, shape=s) for n, (dt, s) in t.OUTPUTS.items()])
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
+        d = self._describe(request.name, request.version)
+        m = d.manifest
+        config = pb.ModelConfig(
+            name=m.name, platform=PLATFORM, backend="onnxruntime", max_batch_size=self.max_batch,
+            input=[pb.ModelInput(name=n, data_type=_CONFIG_TYPES[dt], dims=s[1:], optional=True)
+                   for n, (dt, s) in t.INPUTS.items()],
+            output=[pb.ModelOutput(name=n, data_type=_CONFIG_TYPES[dt], dims=s[1:])
+                    for n, (dt, s) in t.OUTPUTS.items()],
+            model_transaction_policy=pb.ModelTransactionPolicy(decoupled=False))
+        for key, value in (("task", m.task), ("precision", m.precision), ("providers", ",".join(d.providers)),
+                           ("streaming", "ModelStreamInfer: one response per generated token")):
+            config.parameters[key].string_value = str(value)
+        return pb.ModelConfigResponse(config=config)
+
+    # ------------------------------------------------------------------ inference
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        call = t.infer_from_pb(request)
+        deadline = convert.deadline_of(context.time_remaining())
+        wants_predict = any(o not in t.ENCODE_OUTPUTS for o in call.outputs)
+        wants_encode = any(o in t.ENCODE_OUTPUTS for o in call.outputs)
+        predictions = await asyncio.gather(*(self.api.predict(PredictRequest(
+            call.model, s, call.options, call.attention, deadline, call.beam_size)) for s in call.sources)) \
+            if wants_predict else []
+        encodings = await asyncio.gather(*(self.api.encode(EncodeRequest(call.model, s, deadline))
+                                           for s in call.sources)) if wants_encode else []
+        served = (predictions or encodings)[0].served.model
+        values: dict[str, np.ndarray | list[str]] = {}
+        for name in call.outputs:
+            if name == "TEXT":
+                values[name] = [p.text for p in predictions]
+            elif name == "TOKEN_IDS":
+                values[name] = t.padded([np.array([k.id for k in p.tokens], np.int64) for p in predictions], -1,
+                                        np.int64)  # (N, T)
+            elif name == "LOGPROBS":
+                values[name] = t.padded([np.array([k.logprob for k in p.tokens], np.float32) for p in predictions],
+                                        0.0, np.float32)  # (N, T)
+            elif name in t.ATTENTION_OUTPUTS:
+                values[name] = t.padded([t.stacked_attention(p.attention, t.ATTENTION_OUTPUTS[name])
+                                         for p in predictions], 0.0, np.float32)  # (N, L, h, Tq, Tk)
+            elif name == "EMBEDDINGS":
+                values[name] = t.padded([e.embeddings for e in encodings], 0.0, np.float32)  # (N, S, d)
+            else:
+                values[name] = t.padded([e.hidden_states for e in encodings], 0.0, np.float32)  # (N, L, S, d)
+        return t.response_to_pb(served, request.id, values)
+
+    async def ModelStreamInfer(self, requests: AsyncIterator,
+                               context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Each request of the stream runs at once, beside the others; their responses interleave."""
+        out: asyncio.Queue = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def read() -> None:
+            async for request in requests:
+                task = asyncio.get_running_loop().create_task(self._one_stream(request, context, out))
+                running.add(task)
+                task.add_done_callback(running.discard)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while not (reader.done() and not running and out.empty()):
+                getter = asyncio.ensure_future(out.get())
+                await asyncio.wait([getter, reader, *running], return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            reader.result()  # a broken request stream ends the call with its error
+        finally:
+            for task in (reader, *running):
+                task.cancel()
+
+    async def _one_stream(self, request, context, out: asyncio.Queue) -> None:
+        try:
+            if not isinstance(request, pb.ModelInferRequest):
+                raise InvalidRequest(f"the request does not parse ({request.error})")
+            call = t.infer_from_pb(request)
+            extra = [o for o in call.outputs if o not in _STREAMED]
+            if extra or len(call.sources) != 1 or call.beam_size > 1:
+                raise InvalidRequest(
+                    "ModelStreamInfer streams one TEXT or SOURCE_IDS row, greedy or sampled, with outputs among "
+                    f"{', '.join(sorted(_STREAMED))}; use ModelInfer for batches, beam search and {extra or 'these'}")
+            await self._stream_tokens(request.id, call, convert.deadline_of(context.time_remaining()), out)
+        except Exception as e:  # the request fails alone, as Triton reports it: the stream goes on
+            status, message = status_of(e)
+            await out.put(pb.ModelStreamInferResponse(
+                error_message=f"[{status.name}] {message}",
+                infer_response=pb.ModelInferResponse(id=getattr(request, "id", ""))))
+
+    async def _stream_tokens(self, request_id: str, call: t.InferCall, deadline, out: asyncio.Queue) -> None:
+        """One response per token; the last is flagged final (or an empty final one follows, when asked)."""
+        served, held = None, None
+        req = GenerateRequest(call.model, call.sources[0], call.options, call.attention, deadline)
+        async with contextlib.aclosing(self.api.generate(req)) as events:
+            async for ev in events:
+                if isinstance(ev, TokenEvent):
+                    if held is not None:
+                        await out.put(held[0])
+                    held = (self._token_response(served, request_id, call, ev), ev)
+                elif isinstance(ev, FinishEvent):
+                    finish = {"finish_reason": ev.reason, "generated_tokens": ev.generated_tokens}
+                    if held is not None:
+                        last = held[0].infer_response
+                        for key, value in {**finish, "triton_final_response": not call.empty_final}.items():
+                            _set(last.parameters[key], value)
+                        await out.put(held[0])
+                    if call.empty_final or held is None:
+                        final = t.response_to_pb(served, request_id, {}, {**finish, "triton_final_response": True})
+                        await out.put(pb.ModelStreamInferResponse(infer_response=final))
+                else:
+                    served = ev.model
+
+    @staticmethod
+    def _token_response(model: ModelRef, request_id: str, call: t.InferCall,
+                        ev: TokenEvent) -> pb.ModelStreamInferResponse:
+        values: dict[str, np.ndarray | list[str]] = {}
+        for name in call.outputs:
+            if name == "TEXT":
+                values[name] = [ev.text]
+            elif name == "TOKEN_IDS":
+                values[name] = np.array([[ev.id]], np.int64)  # (1, 1)
+            elif name == "LOGPROBS":
+                values[name] = np.array([[ev.logprob]], np.float32)  # (1, 1)
+            else:
+                values[name] = t.stacked_attention(ev.attention, t.ATTENTION_OUTPUTS[name])[None]  # (1, L, h, 1, k)
+        response = t.response_to_pb(model, request_id, values, {"triton_final_response": False,
+                                                                "token_index": ev.index})
+        return pb.ModelStreamInferResponse(infer_response=response)
+
+
+def _set(p: pb.InferParameter, value) -> None:
+    if isinstance(value, bool):
+        p.bool_param = value
+    elif isinstance(value, int):
+        p.int64_param = value
+    else:
+        p.string_param = str(value)
+
+
+def add_to_server(servicer: KServeServicer, server: grpc.aio.Server) -> None:
+    """Register the handlers under the protocol's service name (the messages' own package differs, see the
+    .proto)."""
+    unary = {"ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+             "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+             "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+             "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+             "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+             "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+             "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse)}
+    handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=req.FromString,
+                                                           response_serializer=resp.SerializeToString)
+                for name, (req, resp) in unary.items()}
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer, request_deserializer=pb.ModelInferRequest.FromString,
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
