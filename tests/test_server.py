@@ -289,6 +289,24 @@ def test_reflection_lists_the_services(server):
     assert {"attnserve.v1.AttnServe", "grpc.health.v1.Health"} <= names
 
 
+def test_every_health_method_the_proto_declares_answers(server):
+    """grpcio-health-checking releases differ: newer ones declare List (and leave it unimplemented); the server
+    answers every method its installed proto declares, so reflection never advertises a dead one."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    methods = [m.name for m in health_pb2.DESCRIPTOR.services_by_name["Health"].methods]
+    assert {"Check", "Watch"} <= set(methods)
+    with grpc.insecure_channel(server.address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        assert stub.Check(health_pb2.HealthCheckRequest(service="model/tiny")).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        assert next(stub.Watch(health_pb2.HealthCheckRequest(service=""))).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        if "List" in methods:
+            statuses = stub.List(health_pb2.HealthListRequest()).statuses
+            assert {"", "liveness", "model/tiny"} <= set(statuses)
+
+
 def test_concurrent_streams_batched_together_give_the_same_tokens(server, tiny_checkpoint):
     """Continuous batching: sequences of different lengths, joining at different steps, share decoder steps
     through padded, masked caches; each must get exactly the tokens it gets alone."""

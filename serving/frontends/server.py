@@ -60,6 +60,15 @@ class ServerConfig:
     engine_processes: bool = True  # each model's engine in a process of its own; False: threads of this one
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpcio's health servicer, plus `List` where the installed health proto declares it (newer releases do,
+    and their servicer answers it UNIMPLEMENTED): every service name this server reports, with its status."""
+
+    async def List(self, request, context):
+        statuses = {name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()}
+        return health_pb2.HealthListResponse(statuses=statuses)
+
+
 class App:
     """Everything a running server owns."""
 
@@ -68,7 +77,7 @@ class App:
         self.limits = cfg.limits
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(cfg.worker_threads, thread_name_prefix="worker")
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.registry = ModelRegistry(RegistryConfig(cfg.repo, cfg.models, cfg.restart_seconds,
                                                      cfg.engine_processes), cfg.runner,
                                       EngineConfig(cfg.max_batch, cfg.limits.max_queue_per_model), self.executor)
