@@ -21,7 +21,7 @@ from . import server_stats
 
 
 def _messages(n: int) -> list:
-    from protos import attnserve_v1_pb2 as pb
+    from protos.attnserve.v1 import attnserve_pb2 as pb
 
     return [pb.GenerateResponse(token=pb.Token(id=4 + i, text="7", logprob=-0.01, index=i)) for i in range(n)]
 
@@ -29,18 +29,18 @@ def _messages(n: int) -> list:
 def _serve(port: int, n: int, ready) -> None:
     import grpc
 
-    from protos import attnserve_v1_pb2_grpc as pb_grpc
+    from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 
     messages = _messages(n)
 
-    class Prebuilt(pb_grpc.AttnServeServicer):
+    class Prebuilt(pb_grpc.AttnServeServiceServicer):
         async def Generate(self, request, context):
             for m in messages:
                 yield m
 
     async def main() -> None:
         server = grpc.aio.server()
-        pb_grpc.add_AttnServeServicer_to_server(Prebuilt(), server)
+        pb_grpc.add_AttnServeServiceServicer_to_server(Prebuilt(), server)
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         ready.set()
@@ -52,11 +52,11 @@ def _serve(port: int, n: int, ready) -> None:
 async def _load(address: str, concurrency: int, seconds: float) -> int:
     import grpc
 
-    from protos import attnserve_v1_pb2 as pb
-    from protos import attnserve_v1_pb2_grpc as pb_grpc
+    from protos.attnserve.v1 import attnserve_pb2 as pb
+    from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.AttnServeStub(channel)
+        stub = pb_grpc.AttnServeServiceStub(channel)
         count, stop = 0, time.monotonic() + seconds
 
         async def client() -> None:

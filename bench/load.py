@@ -111,15 +111,15 @@ async def run(address: str, model: str, concurrency: int, duration: float, warmu
               texts: list[str], timeout: float = 60.0, drain: float = 30.0) -> dict:
     import grpc
 
-    from protos import attnserve_v1_pb2 as pb
-    from protos import attnserve_v1_pb2_grpc as pb_grpc
+    from protos.attnserve.v1 import attnserve_pb2 as pb
+    from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 
     n_channels = -(-concurrency // STREAMS_PER_CHANNEL)
     channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(n_channels)]
     try:
         await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), timeout)
-        stubs = [pb_grpc.AttnServeStub(ch) for ch in channels]
+        stubs = [pb_grpc.AttnServeServiceStub(ch) for ch in channels]
         records: list[Record] = []
         t0 = time.perf_counter()
         t_start, t_end = t0 + warmup, t0 + warmup + duration

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PROTOS = sorted(p.name for p in HERE.glob("*.proto"))
+PROTOS = sorted(p.relative_to(HERE).as_posix() for p in HERE.rglob("*.proto"))  # attnserve/v1/attnserve.proto
 
 
 def generate(out: Path) -> list[Path]:
@@ -23,7 +23,7 @@ def generate(out: Path) -> list[Path]:
         raise ValueError("the output folder must be named 'protos'")
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed")
-    return sorted(out.glob("*_pb2*.py*"))
+    return sorted(out.rglob("*_pb2*.py*"))
 
 
 def main() -> int:

@@ -37,12 +37,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.server_stats import tree
-from protos import attnserve_v1_pb2 as pb
-from protos import attnserve_v1_pb2_grpc as pb_grpc
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from serving.domain import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICE = "/attnserve.v1.AttnServe/"
+SERVICE = "/attnserve.v1.AttnServeService/"
 REQUESTS = {"Generate": pb.GenerateRequest, "Predict": pb.PredictRequest, "Encode": pb.EncodeRequest,
             "GetModelInfo": pb.GetModelInfoRequest, "ListModels": pb.ListModelsRequest,
             "ReloadModels": pb.ReloadModelsRequest}
@@ -176,7 +176,7 @@ class ModelFacts:
 
 
 def model_facts(channel: grpc.Channel) -> dict[str, ModelFacts]:
-    stub = pb_grpc.AttnServeStub(channel)
+    stub = pb_grpc.AttnServeServiceStub(channel)
     facts = {}
     for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models:
         info = stub.GetModelInfo(pb.GetModelInfoRequest(model=pb.ModelRef(name=m.name)), timeout=10)
@@ -498,7 +498,7 @@ class Fuzzer:
             return  # unset
         if forced == "attention.none_with_selection" or (not forced.startswith("attention.")
                                                           and rng.random() < draw.p_bad):
-            draw.faults.append("attention.none_with_selection")  # ATTENTION_NONE, yet layers, heads or a mean
+            draw.faults.append("attention.none_with_selection")  # kind UNSPECIFIED, yet a selection
             selection = rng.choice(["layers", "heads", "mean"])
             if selection == "mean":
                 a.mean_over_heads = True
@@ -511,7 +511,7 @@ class Fuzzer:
         def subset(n: int) -> list[int]:
             return rng.sample(range(n), rng.randrange(0, n + 1))
 
-        _, a.kind = draw("attention.kind", [pb.ATTENTION_CROSS, pb.ATTENTION_SELF, pb.ATTENTION_ALL],
+        _, a.kind = draw("attention.kind", [pb.ATTENTION_KIND_CROSS, pb.ATTENTION_KIND_SELF, pb.ATTENTION_KIND_ALL],
                          [4, 5, 99, -1, INT32_MAX, INT32_MIN], present=1.0)
         ok, layers = draw("attention.layers", [lambda r: subset(n_layers)],
                           [lambda r: [*subset(n_layers), r.choice([-1, top, top + 1, INT32_MAX, INT32_MIN])],
@@ -633,7 +633,7 @@ class Tally:
     tokens: int = 0
 
 
-async def _stream(stub: pb_grpc.AttnServeStub, intent: Intent, tally: Tally) -> None:
+async def _stream(stub: pb_grpc.AttnServeServiceStub, intent: Intent, tally: Tally) -> None:
     tally.intended[intent.kind] += 1
     started, n, finish = time.monotonic(), 0, None
     call = stub.Generate(intent.request, timeout=intent.timeout)
@@ -674,7 +674,7 @@ async def drive(address: str, streams: int, plan: Callable[[random.Random], Inte
             await _stream(stub, plan(rng), tally)
 
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.AttnServeStub(channel)
+        stub = pb_grpc.AttnServeServiceStub(channel)
         await asyncio.gather(*(client(i) for i in range(streams)))
     return tally
 
@@ -709,7 +709,7 @@ def long_texts(address: str, model: str = "noisy", tokens: int = 250, want: int 
     """Sources `model` answers greedily with exactly `tokens` tokens (it never says <eos> for them)."""
     found = []
     with grpc.insecure_channel(address) as ch:
-        stub = pb_grpc.AttnServeStub(ch)
+        stub = pb_grpc.AttnServeServiceStub(ch)
         for i in range(10 * len(SHORT_TEXTS)):
             text = SHORT_TEXTS[i % len(SHORT_TEXTS)] + "abcdefghij"[: i // len(SHORT_TEXTS)]
             r = stub.Predict(pb.PredictRequest(model=pb.ModelRef(name=model), source=pb.Source(text=text),
@@ -885,7 +885,7 @@ def fuzz_with_server(repo: Path, n: int, seed: int = 0, warm_up: int = 200) -> t
     try:
         with grpc.insecure_channel(server.address) as ch:
             facts = model_facts(ch)
-            out["known_good"] = pb_grpc.AttnServeStub(ch).Predict(KNOWN_GOOD, timeout=30)
+            out["known_good"] = pb_grpc.AttnServeServiceStub(ch).Predict(KNOWN_GOOD, timeout=30)
         fuzzer = Fuzzer(seed, facts)
         # The warm-up: valid requests, then bad ones of another seed. Without the bad ones the first oversized
         # requests (1 MiB buffers) raise the allocator's high-water mark during the measured run: +8% once,
@@ -897,7 +897,7 @@ def fuzz_with_server(repo: Path, n: int, seed: int = 0, warm_up: int = 200) -> t
         report = run_fuzz(server.address, fuzzer.cases(n))
         out["after"] = server.stats()
         with grpc.insecure_channel(server.address) as ch:
-            out["known_good_after"] = pb_grpc.AttnServeStub(ch).Predict(KNOWN_GOOD, timeout=30)
+            out["known_good_after"] = pb_grpc.AttnServeServiceStub(ch).Predict(KNOWN_GOOD, timeout=30)
     finally:
         out["exit_code"] = server.stop()
         out["server_errors"] = server.error_records()

@@ -18,8 +18,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from protos import attnserve_v1_pb2 as pb
-from protos import attnserve_v1_pb2_grpc as pb_grpc
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from serving.client import AttnServeClient
 
 from .docker_env import DockerUnavailable, base_images, compose_binary, ensure_engine
@@ -125,7 +125,7 @@ async def _streams(address: str, n: int, seconds: float) -> tuple[Counter, list[
     """n closed-loop Generate streams over ONE channel for `seconds`; (codes, error times, calls)."""
     codes, error_times, calls = Counter(), [], 0
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.AttnServeStub(channel)
+        stub = pb_grpc.AttnServeServiceStub(channel)
         stop = time.monotonic() + seconds
 
         async def one(i: int) -> None:

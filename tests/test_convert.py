@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from model_repository import open_version
-from protos import attnserve_v1_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2 as pb
 from serving.api.validation import model_limits, resolve_params
 from serving.domain import (
     AttentionSlice,
@@ -74,9 +74,9 @@ def test_sources_are_text_or_ids_or_neither():
 
 
 @pytest.mark.parametrize(("kind", "kinds"), [
-    (pb.ATTENTION_CROSS, {"cross"}),
-    (pb.ATTENTION_SELF, {"decoder_self", "encoder_self"}),
-    (pb.ATTENTION_ALL, {"cross", "decoder_self", "encoder_self"}),
+    (pb.ATTENTION_KIND_CROSS, {"cross"}),
+    (pb.ATTENTION_KIND_SELF, {"decoder_self", "encoder_self"}),
+    (pb.ATTENTION_KIND_ALL, {"cross", "decoder_self", "encoder_self"}),
 ])
 def test_attention_kinds(kind, kinds):
     spec = attention_from_pb(pb.AttentionRequest(kind=kind, layers=[1], heads=[0, 2], mean_over_heads=True))
@@ -89,8 +89,8 @@ def test_no_attention_is_none():
 
 @pytest.mark.parametrize("extra", [{"layers": [0]}, {"heads": [1]}, {"mean_over_heads": True}])
 def test_attention_none_with_a_selection_is_refused(extra):
-    with pytest.raises(InvalidRequest, match="ATTENTION_NONE"):
-        attention_from_pb(pb.AttentionRequest(kind=pb.ATTENTION_NONE, **extra))
+    with pytest.raises(InvalidRequest, match="ATTENTION_KIND_UNSPECIFIED"):
+        attention_from_pb(pb.AttentionRequest(kind=pb.ATTENTION_KIND_UNSPECIFIED, **extra))
 
 
 def test_an_unknown_attention_kind_is_refused():
@@ -103,7 +103,7 @@ def test_an_unknown_attention_kind_is_refused():
 def test_whole_requests_convert():
     req = pb.PredictRequest(model=pb.ModelRef(name="tiny", version=2), source=pb.Source(text="abc"),
                             options=pb.DecodingOptions(top_k=4), beam_size=3,
-                            attention=pb.AttentionRequest(kind=pb.ATTENTION_CROSS))
+                            attention=pb.AttentionRequest(kind=pb.ATTENTION_KIND_CROSS))
     out = predict_from_pb(req, deadline=12.5)
     assert (out.model, out.source, out.options.top_k, out.options.temperature) == (
         ModelRef("tiny", 2), Source(text="abc"), 4, None)

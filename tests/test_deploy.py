@@ -90,12 +90,12 @@ def test_export_then_server_then_healthcheck_as_compose_runs_them(tmp_path):
         if grpcurl:  # the dev extra ships it; the check is skipped only where it is absent
             listed = subprocess.run([grpcurl, "-plaintext", f"127.0.0.1:{port}", "list"], capture_output=True,
                                     text=True, timeout=30)
-            assert "attnserve.v1.AttnServe" in listed.stdout and "grpc.health.v1.Health" in listed.stdout
+            assert "attnserve.v1.AttnServeService" in listed.stdout and "grpc.health.v1.Health" in listed.stdout
             described = subprocess.run([grpcurl, "-plaintext", f"127.0.0.1:{port}", "describe",
-                                        "attnserve.v1.AttnServe"], capture_output=True, text=True, timeout=30)
+                                        "attnserve.v1.AttnServeService"], capture_output=True, text=True, timeout=30)
             assert "rpc Generate" in described.stdout
             out = subprocess.run([grpcurl, "-plaintext", "-d", '{"source": {"text": "3 March 2021"}}',
-                                  f"127.0.0.1:{port}", "attnserve.v1.AttnServe/Predict"], capture_output=True,
+                                  f"127.0.0.1:{port}", "attnserve.v1.AttnServeService/Predict"], capture_output=True,
                                  text=True, timeout=30)
             assert '"text": "2021-03-03"' in out.stdout, out.stdout + out.stderr
         proc.send_signal(signal.SIGTERM)

@@ -13,8 +13,8 @@ import urllib.request
 import grpc
 import pytest
 
-from protos import attnserve_v1_pb2 as pb
-from protos import attnserve_v1_pb2_grpc as pb_grpc
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from serving.client import AttnServeClient
 
 from .hardening import (
@@ -95,7 +95,7 @@ def test_a_very_long_model_name_is_refused_as_not_found(serving_repo):
     rng = random.Random(0)
     try:
         with grpc.insecure_channel(s.address) as ch:
-            stub = pb_grpc.AttnServeStub(ch)
+            stub = pb_grpc.AttnServeServiceStub(ch)
             for name in ("x" * 20_000, "\U0001f600" * 1_500, long_name(rng)):
                 with pytest.raises(grpc.RpcError) as e:
                     stub.Predict(pb.PredictRequest(model=pb.ModelRef(name=name), source=pb.Source(text="abc")),

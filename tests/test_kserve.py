@@ -189,7 +189,7 @@ def test_a_failed_request_of_a_stream_is_reported_in_it_and_the_stream_goes_on(t
 
 
 def test_raw_grpc_status_for_a_call_without_a_model_name(server):
-    from protos import kserve_v2_pb2 as pb
+    from protos.attnserve.kserve.v2 import kserve_pb2 as pb
 
     with grpc.insecure_channel(server.address) as ch:
         infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",

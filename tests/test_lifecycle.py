@@ -22,7 +22,7 @@ def test_health_flips_on_load_and_on_shutdown(tiny_repo, tmp_path):
     ch = grpc.insecure_channel(s.address)
     health = health_pb2_grpc.HealthStub(ch)
 
-    def status(service="attnserve.v1.AttnServe"):
+    def status(service="attnserve.v1.AttnServeService"):
         return health.Check(health_pb2.HealthCheckRequest(service=service)).status
 
     try:

@@ -18,9 +18,10 @@ def test_generated_code_is_current(tmp_path):
     generated = generate(out)
     assert generated
     for path in generated:
-        committed = ROOT / "protos" / path.name
-        assert committed.exists(), f"{path.name} is not committed: run python -m protos.generate"
-        assert filecmp.cmp(path, committed, shallow=False), f"{path.name} is stale: run python -m protos.generate"
+        name = path.relative_to(out).as_posix()
+        committed = ROOT / "protos" / name
+        assert committed.exists(), f"{name} is not committed: run python -m protos.generate"
+        assert filecmp.cmp(path, committed, shallow=False), f"{name} is stale: run python -m protos.generate"
 
 
 def test_serving_runs_where_torch_cannot_be_imported(serving_repo):
@@ -77,7 +78,7 @@ def test_the_stubs_load_on_the_oldest_and_newest_protobuf_allowed(protobuf, tmp_
     code = textwrap.dedent("""
         import google.protobuf, warnings
         warnings.simplefilter("error")  # a gencode/runtime version warning fails the test too
-        from protos import attnserve_v1_pb2 as pb
+        from protos.attnserve.v1 import attnserve_pb2 as pb
         req = pb.GenerateRequest(source=pb.Source(text="July 4, 1976"), attention=pb.AttentionRequest(layers=[1]))
         assert pb.GenerateRequest.FromString(req.SerializeToString()) == req
         print(google.protobuf.__version__)
@@ -96,7 +97,44 @@ def test_tritonclient_installs_and_imports_beside_attnserve():
     import tritonclient.grpc as triton
 
     import serving.client  # noqa: F401
-    from protos import attnserve_v1_pb2  # noqa: F401
+    from protos.attnserve.v1 import attnserve_pb2  # noqa: F401
 
     assert tuple(int(x) for x in metadata.version("tritonclient").split(".")[:2]) >= (2, 73)
     assert triton.InferenceServerClient is not None
+
+
+def _buf() -> str:
+    """buf from npm (@bufbuild/buf), installed once under build/tools (ignored by git)."""
+    import shutil
+
+    found = os.environ.get("BUF") or shutil.which("buf")
+    if found:
+        return found
+    tools = ROOT / "build" / "tools"
+    buf = tools / "node_modules" / ".bin" / "buf"
+    if not buf.exists():
+        npm = shutil.which("npm")
+        assert npm, "buf lint needs buf: install Node's npm (it fetches @bufbuild/buf) or set BUF"
+        done = subprocess.run([npm, "install", "--silent", "--prefix", str(tools), "@bufbuild/buf"],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return str(buf)
+
+
+def test_the_wire_contract_passes_buf_lint():
+    """attnserve.v1 under buf's STANDARD rules (enum prefixes and _UNSPECIFIED zeros, one response type per RPC,
+    the Service suffix, the package's folder); protos/buf.yaml exempts only the Open Inference Protocol's file."""
+    done = subprocess.run([_buf(), "lint"], cwd=ROOT / "protos", capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
+    # and the check is real: a lint violation in a copy is found
+    bad = (ROOT / "protos" / "attnserve" / "v1" / "attnserve.proto").read_text().replace(
+        "ATTENTION_KIND_UNSPECIFIED = 0", "ATTENTION_NONE = 0")
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "attnserve" / "v1").mkdir(parents=True)
+        (Path(tmp) / "attnserve" / "v1" / "attnserve.proto").write_text(bad)
+        (Path(tmp) / "buf.yaml").write_text((ROOT / "protos" / "buf.yaml").read_text())
+        done = subprocess.run([_buf(), "lint"], cwd=tmp, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "ATTENTION_NONE" in done.stdout

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import attnserve_v1_pb2 as pb
-from protos import attnserve_v1_pb2_grpc as pb_grpc
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 from serving.client import AttnServeClient
 from serving.client.client import _attention, _options, _source
 
@@ -214,7 +214,7 @@ def test_each_request_runs_the_encoder_once_and_arrivals_share_encoder_passes(se
 
         async def burst():
             async with grpc.aio.insecure_channel(s.address) as ch:
-                stub = pb_grpc.AttnServeStub(ch)
+                stub = pb_grpc.AttnServeServiceStub(ch)
                 reqs = [pb.EncodeRequest(source=_source(INNOCENT[i % len(INNOCENT)])) for i in range(24)]
                 return await asyncio.gather(*(stub.Encode(r) for r in reqs))
 
@@ -284,7 +284,7 @@ def test_invalid_utf8_is_invalid_argument_and_metrics_tell_cancelled_from_expire
             raw = b"\x12" + bytes([len(inner)]) + inner  # PredictRequest.source
             for method, streaming in (("Predict", False), ("Generate", True)):
                 call = (ch.unary_stream if streaming else ch.unary_unary)(
-                    f"/attnserve.v1.AttnServe/{method}", request_serializer=lambda b: b,
+                    f"/attnserve.v1.AttnServeService/{method}", request_serializer=lambda b: b,
                     response_deserializer=lambda b: b)
                 with pytest.raises(grpc.RpcError) as e:
                     list(call(raw)) if streaming else call(raw)

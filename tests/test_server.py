@@ -9,7 +9,7 @@ import torch
 
 from model_src.checkpoint import load_model
 from model_src.decoding import generate as torch_generate
-from protos import attnserve_v1_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2 as pb
 from serving.client import AttnServeClient
 from serving.domain import Limits
 from serving.frontends.server import ServerConfig
@@ -286,7 +286,15 @@ def test_reflection_lists_the_services(server):
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in resp.list_services_response.service}
-    assert {"attnserve.v1.AttnServe", "grpc.health.v1.Health"} <= names
+    assert {"attnserve.v1.AttnServeService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    with grpc.insecure_channel(server.address) as ch:  # v1: the same messages on the wire, under v1's name
+        v1 = ch.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                              request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                              response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        asked = reflection_pb2.ServerReflectionRequest(file_containing_symbol="attnserve.v1.AttnServeService")
+        answer = next(v1(iter([asked])))
+    assert answer.file_descriptor_response.file_descriptor_proto  # the contract, served over v1
 
 
 def test_every_health_method_the_proto_declares_answers(server):

@@ -163,7 +163,7 @@ def predict_main(argv: list[str] | None = None) -> int:
 
 def _row(t, i):
     """Row i of a full AttentionTensor, as a one-query AttentionTensor."""
-    from protos import attnserve_v1_pb2 as pb
+    from protos.attnserve.v1 import attnserve_pb2 as pb
 
     w = _weights(t)[:, i:i + 1]  # (h, 1, Tk)
     return pb.AttentionTensor(kind=t.kind, layer=t.layer, head_indices=t.head_indices,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from protos import attnserve_v1_pb2 as pb
-from protos import attnserve_v1_pb2_grpc as pb_grpc
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 
 from .connection import Connection
 
-ATTENTION = {"none": pb.ATTENTION_NONE, "cross": pb.ATTENTION_CROSS, "self": pb.ATTENTION_SELF,
-             "all": pb.ATTENTION_ALL}
+ATTENTION = {"none": pb.ATTENTION_KIND_UNSPECIFIED, "cross": pb.ATTENTION_KIND_CROSS, "self": pb.ATTENTION_KIND_SELF,
+             "all": pb.ATTENTION_KIND_ALL}
 
 
 def _source(source: str | Sequence[int]) -> pb.Source:
@@ -41,7 +41,7 @@ class AttnServeClient:
         connection = connection or Connection.from_env()
         self.channel = connection.channel(address, options=[("grpc.max_receive_message_length", max_message_bytes)])
         self.metadata = connection.metadata()
-        self.stub = pb_grpc.AttnServeStub(self.channel)
+        self.stub = pb_grpc.AttnServeServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -75,9 +75,9 @@ class AttnServeClient:
     def list_models(self) -> pb.ListModelsResponse:
         return self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata)
 
-    def model_info(self, model: str = "", version: int = 0) -> pb.ModelInfo:
+    def model_info(self, model: str = "", version: int = 0) -> pb.GetModelInfoResponse:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(model=pb.ModelRef(name=model, version=version)),
                                       metadata=self.metadata)
 
-    def reload(self) -> pb.ListModelsResponse:
+    def reload(self) -> pb.ReloadModelsResponse:
         return self.stub.ReloadModels(pb.ReloadModelsRequest(), metadata=self.metadata)

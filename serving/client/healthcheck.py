@@ -32,7 +32,8 @@ def check(address: str, service: str = "", timeout: float = 2.0, connection: Con
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.client.healthcheck", description=__doc__)
     p.add_argument("address", nargs="?", default="127.0.0.1:50051")
-    p.add_argument("service", nargs="?", default="", help="'' (the server), attnserve.v1.AttnServe or model/NAME")
+    p.add_argument("service", nargs="?", default="", help="'' (the server), liveness, attnserve.v1.AttnServeService or "
+                   "model/NAME")
     add_arguments(p)
     args = p.parse_args(argv)
     return 0 if check(args.address, args.service, connection=from_arguments(args)) else 1

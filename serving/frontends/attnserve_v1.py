@@ -9,8 +9,8 @@ import contextlib
 
 import grpc
 
-from protos import attnserve_v1_pb2 as pb
-from protos import attnserve_v1_pb2_grpc as pb_grpc
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 
 from ..api.service import InferenceAPI
 from ..domain import FinishEvent, Served, TokenEvent
@@ -21,7 +21,7 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return convert.deadline_of(context.time_remaining())
 
 
-class AttnServeServicer(pb_grpc.AttnServeServicer):
+class AttnServeServicer(pb_grpc.AttnServeServiceServicer):
     def __init__(self, api: InferenceAPI) -> None:
         self.api = api
 
@@ -45,8 +45,8 @@ class AttnServeServicer(pb_grpc.AttnServeServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[convert.summary_to_pb(d) for d in self.api.list_models()])
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.GetModelInfoResponse:
         return convert.info_to_pb(self.api.describe(convert.model_from_pb(request.model)))
 
-    async def ReloadModels(self, request: pb.ReloadModelsRequest, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[convert.summary_to_pb(d) for d in await self.api.reload()])
+    async def ReloadModels(self, request: pb.ReloadModelsRequest, context) -> pb.ReloadModelsResponse:
+        return pb.ReloadModelsResponse(models=[convert.summary_to_pb(d) for d in await self.api.reload()])

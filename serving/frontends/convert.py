@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from protos import attnserve_v1_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2 as pb
 
 from ..domain import (
     AttentionSlice,
@@ -31,10 +31,10 @@ from ..domain import (
 from ..errors import InvalidRequest
 
 _KINDS = {
-    pb.ATTENTION_NONE: frozenset(),
-    pb.ATTENTION_CROSS: frozenset({"cross"}),
-    pb.ATTENTION_SELF: frozenset({"decoder_self", "encoder_self"}),
-    pb.ATTENTION_ALL: frozenset({"cross", "decoder_self", "encoder_self"}),
+    pb.ATTENTION_KIND_UNSPECIFIED: frozenset(),
+    pb.ATTENTION_KIND_CROSS: frozenset({"cross"}),
+    pb.ATTENTION_KIND_SELF: frozenset({"decoder_self", "encoder_self"}),
+    pb.ATTENTION_KIND_ALL: frozenset({"cross", "decoder_self", "encoder_self"}),
 }
 _FINISH = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP}
 
@@ -70,7 +70,7 @@ def attention_from_pb(a: pb.AttentionRequest) -> AttentionSpec | None:
         raise InvalidRequest(f"unknown attention.kind {a.kind}; use one of {sorted(pb.AttentionKind.keys())}")
     if not _KINDS[a.kind]:
         if a.layers or a.heads or a.mean_over_heads:
-            raise InvalidRequest("attention layers/heads given but attention.kind is ATTENTION_NONE")
+            raise InvalidRequest("attention layers/heads given but attention.kind is ATTENTION_KIND_UNSPECIFIED")
         return None
     return AttentionSpec(_KINDS[a.kind], tuple(a.layers), tuple(a.heads), a.mean_over_heads)
 
@@ -141,12 +141,12 @@ def summary_to_pb(d: ModelDescription) -> pb.ModelSummary:
                            precision=m.precision)
 
 
-def info_to_pb(d: ModelDescription) -> pb.ModelInfo:
+def info_to_pb(d: ModelDescription) -> pb.GetModelInfoResponse:
     m, lim = d.manifest, d.limits
     blocks = [pb.AttentionBlock(graph=b.graph, block=b.block, layer=b.layer, kind=b.kind, heads=b.heads,
                                 head_dim=b.head_dim, probabilities_exported=bool(b.probabilities_output))
               for b in m.attention_blocks]
-    return pb.ModelInfo(
+    return pb.GetModelInfoResponse(
         name=m.name, version=m.version, versions_on_disk=d.versions_on_disk, config_json=json.dumps(m.model_config),
         execution_providers=d.providers, attention_blocks=blocks, precision=m.precision, opset=m.opset,
         task=m.task or "", vocab_size=m.model.tgt_vocab_size,

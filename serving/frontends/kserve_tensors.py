@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protos import kserve_v2_pb2 as pb
+from protos.attnserve.kserve.v2 import kserve_pb2 as pb
 
 from ..domain import AttentionSlice, AttentionSpec, DecodeOptions, ModelRef, Source
 from ..errors import InvalidRequest

@@ -16,7 +16,7 @@ from importlib import metadata
 import grpc
 import numpy as np
 
-from protos import kserve_v2_pb2 as pb
+from protos.attnserve.kserve.v2 import kserve_pb2 as pb
 
 from ..api.service import InferenceAPI
 from ..domain import EncodeRequest, FinishEvent, GenerateRequest, ModelRef, PredictRequest, TokenEvent

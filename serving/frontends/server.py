@@ -1,7 +1,7 @@
 """The gRPC server: `create_server()` builds and starts it (tests bind port 0), `serve()` runs it until SIGTERM.
 
 Health follows the registry, whoever changed it (the poller, ReloadModels, an engine dying or coming back):
-`""` and `attnserve.v1.AttnServe` are SERVING while every loaded model is healthy and at least one is loaded;
+`""` and `attnserve.v1.AttnServeService` are SERVING while every loaded model is healthy and at least one is loaded;
 `model/NAME` tells about one model; `liveness` is SERVING from start until shutdown begins, whatever the models
 do (for liveness probes: a server waiting for its first model is alive, not broken).
 """
@@ -19,8 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos import attnserve_v1_pb2 as pb
-from protos import attnserve_v1_pb2_grpc as pb_grpc
+from protos.attnserve.v1 import attnserve_pb2 as pb
+from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 
 from ..api.service import InferenceAPI
 from ..domain import Limits
@@ -34,7 +34,7 @@ from .security import Authorizer, SecurityConfig, server_credentials
 from .status import StatusInterceptor, quiet_client_departures
 
 log = logging.getLogger(__name__)
-SERVICE = pb.DESCRIPTOR.services_by_name["AttnServe"].full_name  # attnserve.v1.AttnServe
+SERVICE = pb.DESCRIPTOR.services_by_name["AttnServeService"].full_name  # attnserve.v1.AttnServeService
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LIVENESS_SERVICE = "liveness"
 MODEL_HEALTH_PREFIX = "model/"  # per-model health names: model/dates ('/' never occurs in a model name)
@@ -154,11 +154,11 @@ async def create_server(cfg: ServerConfig) -> App:
     quiet_client_departures()
     interceptor = StatusInterceptor((SERVICE, kserve_v2.SERVICE), app.metrics, lambda: app.shutting_down, authorizer)
     server = grpc.aio.server(options=options, interceptors=[interceptor])
-    pb_grpc.add_AttnServeServicer_to_server(AttnServeServicer(app.api), server)
+    pb_grpc.add_AttnServeServiceServicer_to_server(AttnServeServicer(app.api), server)
     kserve_v2.add_to_server(kserve_v2.KServeServicer(app.api, app.serving, cfg.max_batch), server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     if cfg.security.reflection:
-        reflection.enable_server_reflection((SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+        _reflection(server)
     if credentials is None:
         app.port = server.add_insecure_port(cfg.address)
     else:
@@ -192,6 +192,25 @@ def _health_only(app: App, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     if bound == 0:
         raise OSError(f"cannot bind the health port {host}:{port}")
     return server, bound
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _reflection(server: grpc.aio.Server) -> None:
+    """Server reflection, v1alpha and v1. grpcio-reflection implements v1alpha only; v1's messages are the same on
+    the wire (same fields and numbers, another package), so the same servicer answers under v1's name too."""
+    from grpc_reflection.v1alpha import reflection_pb2
+    from grpc_reflection.v1alpha._async import ReflectionServicer
+
+    names = (SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = ReflectionServicer(names)
+    for service in (reflection.SERVICE_NAME, REFLECTION_V1):
+        handler = grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo":
+                                                                                      handler}),))
 
 
 async def _watch(app: App) -> None:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import attnserve_v1_pb2 as protos_dot_attnserve__v1__pb2
+from protos.attnserve.v1 import attnserve_pb2 as protos_dot_attnserve_dot_v1_dot_attnserve__pb2
 
 GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/attnserve_v1_pb2_grpc.py depends on'
+        + ' but the generated code in protos/attnserve/v1/attnserve_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class AttnServeStub(object):
+class AttnServeServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,38 +35,38 @@ class AttnServeStub(object):
             channel: A grpc.Channel.
         """
         self.Generate = channel.unary_stream(
-                '/attnserve.v1.AttnServe/Generate',
-                request_serializer=protos_dot_attnserve__v1__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_attnserve__v1__pb2.GenerateResponse.FromString,
+                '/attnserve.v1.AttnServeService/Generate',
+                request_serializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Predict = channel.unary_unary(
-                '/attnserve.v1.AttnServe/Predict',
-                request_serializer=protos_dot_attnserve__v1__pb2.PredictRequest.SerializeToString,
-                response_deserializer=protos_dot_attnserve__v1__pb2.PredictResponse.FromString,
+                '/attnserve.v1.AttnServeService/Predict',
+                request_serializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.PredictRequest.SerializeToString,
+                response_deserializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.PredictResponse.FromString,
                 _registered_method=True)
         self.Encode = channel.unary_unary(
-                '/attnserve.v1.AttnServe/Encode',
-                request_serializer=protos_dot_attnserve__v1__pb2.EncodeRequest.SerializeToString,
-                response_deserializer=protos_dot_attnserve__v1__pb2.EncodeResponse.FromString,
+                '/attnserve.v1.AttnServeService/Encode',
+                request_serializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.EncodeResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
-                '/attnserve.v1.AttnServe/ListModels',
-                request_serializer=protos_dot_attnserve__v1__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=protos_dot_attnserve__v1__pb2.ListModelsResponse.FromString,
+                '/attnserve.v1.AttnServeService/ListModels',
+                request_serializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
-                '/attnserve.v1.AttnServe/GetModelInfo',
-                request_serializer=protos_dot_attnserve__v1__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_attnserve__v1__pb2.ModelInfo.FromString,
+                '/attnserve.v1.AttnServeService/GetModelInfo',
+                request_serializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
         self.ReloadModels = channel.unary_unary(
-                '/attnserve.v1.AttnServe/ReloadModels',
-                request_serializer=protos_dot_attnserve__v1__pb2.ReloadModelsRequest.SerializeToString,
-                response_deserializer=protos_dot_attnserve__v1__pb2.ListModelsResponse.FromString,
+                '/attnserve.v1.AttnServeService/ReloadModels',
+                request_serializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.ReloadModelsRequest.SerializeToString,
+                response_deserializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.ReloadModelsResponse.FromString,
                 _registered_method=True)
 
 
-class AttnServeServicer(object):
+class AttnServeServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
@@ -110,47 +110,47 @@ class AttnServeServicer(object):
         raise NotImplementedError('Method not implemented!')
 
 
-def add_AttnServeServicer_to_server(servicer, server):
+def add_AttnServeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_attnserve__v1__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_attnserve__v1__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.GenerateRequest.FromString,
+                    response_serializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.GenerateResponse.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
-                    request_deserializer=protos_dot_attnserve__v1__pb2.PredictRequest.FromString,
-                    response_serializer=protos_dot_attnserve__v1__pb2.PredictResponse.SerializeToString,
+                    request_deserializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.PredictRequest.FromString,
+                    response_serializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.PredictResponse.SerializeToString,
             ),
             'Encode': grpc.unary_unary_rpc_method_handler(
                     servicer.Encode,
-                    request_deserializer=protos_dot_attnserve__v1__pb2.EncodeRequest.FromString,
-                    response_serializer=protos_dot_attnserve__v1__pb2.EncodeResponse.SerializeToString,
+                    request_deserializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.EncodeRequest.FromString,
+                    response_serializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.EncodeResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=protos_dot_attnserve__v1__pb2.ListModelsRequest.FromString,
-                    response_serializer=protos_dot_attnserve__v1__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.ListModelsRequest.FromString,
+                    response_serializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.ListModelsResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=protos_dot_attnserve__v1__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=protos_dot_attnserve__v1__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.GetModelInfoResponse.SerializeToString,
             ),
             'ReloadModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ReloadModels,
-                    request_deserializer=protos_dot_attnserve__v1__pb2.ReloadModelsRequest.FromString,
-                    response_serializer=protos_dot_attnserve__v1__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.ReloadModelsRequest.FromString,
+                    response_serializer=protos_dot_attnserve_dot_v1_dot_attnserve__pb2.ReloadModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'attnserve.v1.AttnServe', rpc_method_handlers)
+            'attnserve.v1.AttnServeService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('attnserve.v1.AttnServe', rpc_method_handlers)
+    server.add_registered_method_handlers('attnserve.v1.AttnServeService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class AttnServe(object):
+class AttnServeService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -167,9 +167,9 @@ class AttnServe(object):
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/attnserve.v1.AttnServe/Generate',
-            protos_dot_attnserve__v1__pb2.GenerateRequest.SerializeToString,
-            protos_dot_attnserve__v1__pb2.GenerateResponse.FromString,
+            '/attnserve.v1.AttnServeService/Generate',
+            protos_dot_attnserve_dot_v1_dot_attnserve__pb2.GenerateRequest.SerializeToString,
+            protos_dot_attnserve_dot_v1_dot_attnserve__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -194,9 +194,9 @@ class AttnServe(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/attnserve.v1.AttnServe/Predict',
-            protos_dot_attnserve__v1__pb2.PredictRequest.SerializeToString,
-            protos_dot_attnserve__v1__pb2.PredictResponse.FromString,
+            '/attnserve.v1.AttnServeService/Predict',
+            protos_dot_attnserve_dot_v1_dot_attnserve__pb2.PredictRequest.SerializeToString,
+            protos_dot_attnserve_dot_v1_dot_attnserve__pb2.PredictResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -221,9 +221,9 @@ class AttnServe(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/attnserve.v1.AttnServe/Encode',
-            protos_dot_attnserve__v1__pb2.EncodeRequest.SerializeToString,
-            protos_dot_attnserve__v1__pb2.EncodeResponse.FromString,
+            '/attnserve.v1.AttnServeService/Encode',
+            protos_dot_attnserve_dot_v1_dot_attnserve__pb2.EncodeRequest.SerializeToString,
+            protos_dot_attnserve_dot_v1_dot_attnserve__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -248,9 +248,9 @@ class AttnServe(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/attnserve.v1.AttnServe/ListModels',
-            protos_dot_attnserve__v1__pb2.ListModelsRequest.SerializeToString,
-            protos_dot_attnserve__v1__pb2.ListModelsResponse.FromString,
+            '/attnserve.v1.AttnServeService/ListModels',
+            protos_dot_attnserve_dot_v1_dot_attnserve__pb2.ListModelsRequest.SerializeToString,
+            protos_dot_attnserve_dot_v1_dot_attnserve__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -275,9 +275,9 @@ class AttnServe(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/attnserve.v1.AttnServe/GetModelInfo',
-            protos_dot_attnserve__v1__pb2.GetModelInfoRequest.SerializeToString,
-            protos_dot_attnserve__v1__pb2.ModelInfo.FromString,
+            '/attnserve.v1.AttnServeService/GetModelInfo',
+            protos_dot_attnserve_dot_v1_dot_attnserve__pb2.GetModelInfoRequest.SerializeToString,
+            protos_dot_attnserve_dot_v1_dot_attnserve__pb2.GetModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -302,9 +302,9 @@ class AttnServe(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/attnserve.v1.AttnServe/ReloadModels',
-            protos_dot_attnserve__v1__pb2.ReloadModelsRequest.SerializeToString,
-            protos_dot_attnserve__v1__pb2.ListModelsResponse.FromString,
+            '/attnserve.v1.AttnServeService/ReloadModels',
+            protos_dot_attnserve_dot_v1_dot_attnserve__pb2.ReloadModelsRequest.SerializeToString,
+            protos_dot_attnserve_dot_v1_dot_attnserve__pb2.ReloadModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import kserve_v2_pb2 as protos_dot_kserve__v2__pb2
+from protos.attnserve.kserve.v2 import kserve_pb2 as protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2
 
 GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/kserve_v2_pb2_grpc.py depends on'
+        + ' but the generated code in protos/attnserve/kserve/v2/kserve_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,43 +36,43 @@ class GRPCInferenceServiceStub(object):
         """
         self.ServerLive = channel.unary_unary(
                 '/attnserve.kserve.v2.GRPCInferenceService/ServerLive',
-                request_serializer=protos_dot_kserve__v2__pb2.ServerLiveRequest.SerializeToString,
-                response_deserializer=protos_dot_kserve__v2__pb2.ServerLiveResponse.FromString,
+                request_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerLiveRequest.SerializeToString,
+                response_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
                 '/attnserve.kserve.v2.GRPCInferenceService/ServerReady',
-                request_serializer=protos_dot_kserve__v2__pb2.ServerReadyRequest.SerializeToString,
-                response_deserializer=protos_dot_kserve__v2__pb2.ServerReadyResponse.FromString,
+                request_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerReadyRequest.SerializeToString,
+                response_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
                 '/attnserve.kserve.v2.GRPCInferenceService/ModelReady',
-                request_serializer=protos_dot_kserve__v2__pb2.ModelReadyRequest.SerializeToString,
-                response_deserializer=protos_dot_kserve__v2__pb2.ModelReadyResponse.FromString,
+                request_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
                 '/attnserve.kserve.v2.GRPCInferenceService/ServerMetadata',
-                request_serializer=protos_dot_kserve__v2__pb2.ServerMetadataRequest.SerializeToString,
-                response_deserializer=protos_dot_kserve__v2__pb2.ServerMetadataResponse.FromString,
+                request_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/attnserve.kserve.v2.GRPCInferenceService/ModelMetadata',
-                request_serializer=protos_dot_kserve__v2__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=protos_dot_kserve__v2__pb2.ModelMetadataResponse.FromString,
+                request_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/attnserve.kserve.v2.GRPCInferenceService/ModelInfer',
-                request_serializer=protos_dot_kserve__v2__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=protos_dot_kserve__v2__pb2.ModelInferResponse.FromString,
+                request_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
         self.ModelStreamInfer = channel.stream_stream(
                 '/attnserve.kserve.v2.GRPCInferenceService/ModelStreamInfer',
-                request_serializer=protos_dot_kserve__v2__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=protos_dot_kserve__v2__pb2.ModelStreamInferResponse.FromString,
+                request_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelStreamInferResponse.FromString,
                 _registered_method=True)
         self.ModelConfig = channel.unary_unary(
                 '/attnserve.kserve.v2.GRPCInferenceService/ModelConfig',
-                request_serializer=protos_dot_kserve__v2__pb2.ModelConfigRequest.SerializeToString,
-                response_deserializer=protos_dot_kserve__v2__pb2.ModelConfigResponse.FromString,
+                request_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelConfigResponse.FromString,
                 _registered_method=True)
 
 
@@ -134,43 +134,43 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ServerLive': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerLive,
-                    request_deserializer=protos_dot_kserve__v2__pb2.ServerLiveRequest.FromString,
-                    response_serializer=protos_dot_kserve__v2__pb2.ServerLiveResponse.SerializeToString,
+                    request_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerLiveRequest.FromString,
+                    response_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerLiveResponse.SerializeToString,
             ),
             'ServerReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerReady,
-                    request_deserializer=protos_dot_kserve__v2__pb2.ServerReadyRequest.FromString,
-                    response_serializer=protos_dot_kserve__v2__pb2.ServerReadyResponse.SerializeToString,
+                    request_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerReadyRequest.FromString,
+                    response_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerReadyResponse.SerializeToString,
             ),
             'ModelReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelReady,
-                    request_deserializer=protos_dot_kserve__v2__pb2.ModelReadyRequest.FromString,
-                    response_serializer=protos_dot_kserve__v2__pb2.ModelReadyResponse.SerializeToString,
+                    request_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelReadyRequest.FromString,
+                    response_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelReadyResponse.SerializeToString,
             ),
             'ServerMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerMetadata,
-                    request_deserializer=protos_dot_kserve__v2__pb2.ServerMetadataRequest.FromString,
-                    response_serializer=protos_dot_kserve__v2__pb2.ServerMetadataResponse.SerializeToString,
+                    request_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerMetadataResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=protos_dot_kserve__v2__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=protos_dot_kserve__v2__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
-                    request_deserializer=protos_dot_kserve__v2__pb2.ModelInferRequest.FromString,
-                    response_serializer=protos_dot_kserve__v2__pb2.ModelInferResponse.SerializeToString,
+                    request_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelInferRequest.FromString,
+                    response_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelInferResponse.SerializeToString,
             ),
             'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
                     servicer.ModelStreamInfer,
-                    request_deserializer=protos_dot_kserve__v2__pb2.ModelInferRequest.FromString,
-                    response_serializer=protos_dot_kserve__v2__pb2.ModelStreamInferResponse.SerializeToString,
+                    request_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelInferRequest.FromString,
+                    response_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelStreamInferResponse.SerializeToString,
             ),
             'ModelConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelConfig,
-                    request_deserializer=protos_dot_kserve__v2__pb2.ModelConfigRequest.FromString,
-                    response_serializer=protos_dot_kserve__v2__pb2.ModelConfigResponse.SerializeToString,
+                    request_deserializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelConfigRequest.FromString,
+                    response_serializer=protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelConfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -198,8 +198,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/attnserve.kserve.v2.GRPCInferenceService/ServerLive',
-            protos_dot_kserve__v2__pb2.ServerLiveRequest.SerializeToString,
-            protos_dot_kserve__v2__pb2.ServerLiveResponse.FromString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerLiveRequest.SerializeToString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -225,8 +225,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/attnserve.kserve.v2.GRPCInferenceService/ServerReady',
-            protos_dot_kserve__v2__pb2.ServerReadyRequest.SerializeToString,
-            protos_dot_kserve__v2__pb2.ServerReadyResponse.FromString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerReadyRequest.SerializeToString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -252,8 +252,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/attnserve.kserve.v2.GRPCInferenceService/ModelReady',
-            protos_dot_kserve__v2__pb2.ModelReadyRequest.SerializeToString,
-            protos_dot_kserve__v2__pb2.ModelReadyResponse.FromString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelReadyRequest.SerializeToString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -279,8 +279,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/attnserve.kserve.v2.GRPCInferenceService/ServerMetadata',
-            protos_dot_kserve__v2__pb2.ServerMetadataRequest.SerializeToString,
-            protos_dot_kserve__v2__pb2.ServerMetadataResponse.FromString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerMetadataRequest.SerializeToString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -306,8 +306,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/attnserve.kserve.v2.GRPCInferenceService/ModelMetadata',
-            protos_dot_kserve__v2__pb2.ModelMetadataRequest.SerializeToString,
-            protos_dot_kserve__v2__pb2.ModelMetadataResponse.FromString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelMetadataRequest.SerializeToString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -333,8 +333,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/attnserve.kserve.v2.GRPCInferenceService/ModelInfer',
-            protos_dot_kserve__v2__pb2.ModelInferRequest.SerializeToString,
-            protos_dot_kserve__v2__pb2.ModelInferResponse.FromString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelInferRequest.SerializeToString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -360,8 +360,8 @@ class GRPCInferenceService(object):
             request_iterator,
             target,
             '/attnserve.kserve.v2.GRPCInferenceService/ModelStreamInfer',
-            protos_dot_kserve__v2__pb2.ModelInferRequest.SerializeToString,
-            protos_dot_kserve__v2__pb2.ModelStreamInferResponse.FromString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelInferRequest.SerializeToString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -387,8 +387,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/attnserve.kserve.v2.GRPCInferenceService/ModelConfig',
-            protos_dot_kserve__v2__pb2.ModelConfigRequest.SerializeToString,
-            protos_dot_kserve__v2__pb2.ModelConfigResponse.FromString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelConfigRequest.SerializeToString,
+            protos_dot_attnserve_dot_kserve_dot_v2_dot_kserve__pb2.ModelConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

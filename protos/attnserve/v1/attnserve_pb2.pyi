@@ -9,10 +9,10 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 class AttentionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    ATTENTION_NONE: _ClassVar[AttentionKind]
-    ATTENTION_CROSS: _ClassVar[AttentionKind]
-    ATTENTION_SELF: _ClassVar[AttentionKind]
-    ATTENTION_ALL: _ClassVar[AttentionKind]
+    ATTENTION_KIND_UNSPECIFIED: _ClassVar[AttentionKind]
+    ATTENTION_KIND_CROSS: _ClassVar[AttentionKind]
+    ATTENTION_KIND_SELF: _ClassVar[AttentionKind]
+    ATTENTION_KIND_ALL: _ClassVar[AttentionKind]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -20,10 +20,10 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_EOS: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
-ATTENTION_NONE: AttentionKind
-ATTENTION_CROSS: AttentionKind
-ATTENTION_SELF: AttentionKind
-ATTENTION_ALL: AttentionKind
+ATTENTION_KIND_UNSPECIFIED: AttentionKind
+ATTENTION_KIND_CROSS: AttentionKind
+ATTENTION_KIND_SELF: AttentionKind
+ATTENTION_KIND_ALL: AttentionKind
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -249,6 +249,12 @@ class ListModelsResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelSummary]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
 
+class ReloadModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelSummary]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
+
 class GetModelInfoRequest(_message.Message):
     __slots__ = ("model",)
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -285,7 +291,7 @@ class Limits(_message.Message):
     max_message_bytes: int
     def __init__(self, max_source_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
-class ModelInfo(_message.Message):
+class GetModelInfoResponse(_message.Message):
     __slots__ = ("name", "version", "versions_on_disk", "config_json", "execution_providers", "attention_blocks", "precision", "opset", "task", "vocab_size", "limits", "validation_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]

@@ -1,0 +1,1 @@
+"""Generated gRPC code lives below; the .proto files are the source (python -m protos.generate)."""
