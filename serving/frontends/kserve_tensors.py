@@ -194,11 +194,14 @@ def response_to_pb(model: ModelRef, request_id: str, outputs: dict[str, np.ndarr
             resp.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
             resp.raw_output_contents.append(arr.tobytes())
     for key, value in (parameters or {}).items():
-        p = resp.parameters[key]
-        if isinstance(value, bool):
-            p.bool_param = value
-        elif isinstance(value, int):
-            p.int64_param = value
-        else:
-            p.string_param = str(value)
+        set_param(resp.parameters[key], value)
     return resp
+
+
+def set_param(p: pb.InferParameter, value) -> None:
+    if isinstance(value, bool):
+        p.bool_param = value
+    elif isinstance(value, int):
+        p.int64_param = value
+    else:
+        p.string_param = str(value)

@@ -177,7 +177,7 @@ class KServeServicer:
                     if held is not None:
                         last = held[0].infer_response
                         for key, value in {**finish, "triton_final_response": not call.empty_final}.items():
-                            _set(last.parameters[key], value)
+                            t.set_param(last.parameters[key], value)
                         await out.put(held[0])
                     if call.empty_final or held is None:
                         final = t.response_to_pb(served, request_id, {}, {**finish, "triton_final_response": True})
@@ -201,15 +201,6 @@ class KServeServicer:
         response = t.response_to_pb(model, request_id, values, {"triton_final_response": False,
                                                                 "token_index": ev.index})
         return pb.ModelStreamInferResponse(infer_response=response)
-
-
-def _set(p: pb.InferParameter, value) -> None:
-    if isinstance(value, bool):
-        p.bool_param = value
-    elif isinstance(value, int):
-        p.int64_param = value
-    else:
-        p.string_param = str(value)
 
 
 def add_to_server(servicer: KServeServicer, server: grpc.aio.Server) -> None:
