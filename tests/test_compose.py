@@ -178,10 +178,14 @@ def test_a_killed_replica_fails_only_its_streams_and_rejoins(stack):
     failed = sum(n for code, n in codes.items() if code != "OK")
     print(f"replica killed under 60 streams: {dict(codes)} of {calls} calls; failures at "
           f"{sorted(round(t - killed, 3) for t in error_times)} s after the kill")
-    # Only the streams in flight on the killed replica fail (at most a third of the 60), all at the kill;
-    # calls after it go to the two left (HAProxy retries a refused connection elsewhere). HAProxy 2.6 is not
-    # gRPC-aware: it ends a stream whose replica vanished without gRPC trailers, which clients read as UNKNOWN.
-    assert 0 < failed <= 25 and set(codes) - {"OK"} <= {"UNKNOWN", "UNAVAILABLE", "INTERNAL"}, codes
+    state = subprocess.run(["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", victim],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert state == ["exited", "137"]  # it really died, by SIGKILL
+    # Only the streams in flight on the killed replica can fail (at most a third of the 60), all at the kill;
+    # calls after it go to the two left (HAProxy retries a refused connection, or a stream the replica dropped
+    # before answering, elsewhere: some runs see no failure at all). HAProxy 2.6 is not gRPC-aware: it ends a
+    # stream whose replica vanished mid-answer without gRPC trailers, which clients read as UNKNOWN.
+    assert failed <= 25 and set(codes) - {"OK"} <= {"UNKNOWN", "UNAVAILABLE", "INTERNAL"}, codes
     assert all(killed - 0.1 <= t <= killed + 2.0 for t in error_times), [round(t - killed, 2) for t in error_times]
     assert codes["OK"] > 0.8 * (calls - 60)
     deadline = time.monotonic() + 20
@@ -199,6 +203,8 @@ def test_a_killed_replica_fails_only_its_streams_and_rejoins(stack):
 
 
 def test_stop_exits_cleanly_and_a_second_up_skips_the_export(stack):
+    stack.run("up", "-d", timeout=600)  # every replica running (whatever the tests before left)
+    stack.wait_healthy(("server", "replica"))
     stack.run("stop", timeout=300)
     for service in ("server", "replica", "lb"):
         for c in stack.containers(service, all_states=True):
