@@ -1,5 +1,5 @@
 """The hardening suite, bounded for CI: 2,000 fuzzed bad requests, a one-minute soak of 64 streams, new versions
-(good, corrupt, escaping) dropped into the repository under load. The runners are tests/hardening.py, whose
+(good, corrupt, escaping) dropped into the repository under load. The runners are tests/hardening/, whose
 `python -m tests.hardening` is the long run."""
 
 import asyncio
