@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnserve evaluate", description=__doc__)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--data", type=Path, help="TSV corpus the checkpoint was trained on (default: its task)")
-    p.add_argument("--split", choices=["validation", "test"], default="test")
+    p.add_argument("--split", help="validation, test or one of the task's other held-out sets (dates: test_years); "
+                   "default: test and every other held-out set")
     args = p.parse_args(argv)
     try:
         model, tok, config = load_model(args.checkpoint)
@@ -27,10 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, CorpusError, ValueError) as e:
         print(f"attnserve evaluate: error: {e}", file=sys.stderr)
         return 2
-    pairs = encode_pairs(tok, getattr(task, args.split))
-    start = time.monotonic()
-    m = evaluate(model, pairs, TrainConfig())
-    print(f"{task.name} {args.split} split ({len(pairs)} held-out pairs): exact match {m['exact_match']:.4f}, "
-          f"token accuracy {m['token_accuracy']:.4f}, loss {m['loss']:.3f} "
-          f"[{model.num_parameters():,} parameters, {time.monotonic() - start:.1f} s]")
+    splits = {"validation": task.validation, "test": task.test, **task.extra_tests}
+    if args.split is not None and args.split not in splits:
+        print(f"attnserve evaluate: error: unknown split {args.split!r}; {task.name} has {', '.join(splits)}",
+              file=sys.stderr)
+        return 2
+    for name in [args.split] if args.split else ["test", *task.extra_tests]:
+        pairs = encode_pairs(tok, splits[name])
+        start = time.monotonic()
+        m = evaluate(model, pairs, TrainConfig())
+        print(f"{task.name} {name} split ({len(pairs)} held-out pairs): exact match {m['exact_match']:.4f}, "
+              f"token accuracy {m['token_accuracy']:.4f}, loss {m['loss']:.3f} "
+              f"[{model.num_parameters():,} parameters, {time.monotonic() - start:.1f} s]")
     return 0

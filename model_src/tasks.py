@@ -7,11 +7,12 @@ strings the model never saw in training, in any format.
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import hashlib
 import random
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 Pair = tuple[str, str]
@@ -23,9 +24,10 @@ class TaskData:
     train: list[Pair]
     validation: list[Pair]
     test: list[Pair]
+    extra_tests: dict[str, list[Pair]] = field(default_factory=dict)  # more held-out sets, reported beside `test`
 
     def texts(self):
-        for split in (self.train, self.validation, self.test):
+        for split in (self.train, self.validation, self.test, *self.extra_tests.values()):
             for src, tgt in split:
                 yield src
                 yield tgt
@@ -59,6 +61,7 @@ WEEKDAYS = {
     "es": ["lunes", "martes", "miércoles", "jueves", "viernes", "sábado", "domingo"],
 }
 DATE_MIN, DATE_MAX = dt.date(1950, 1, 1), dt.date(2049, 12, 31)  # two-digit years: 50-99 -> 19xx, 00-49 -> 20xx
+YEAR_MIN, YEAR_MAX = 1000, 2999  # four-digit years outside the two-digit window: held out by whole years
 
 
 def _ordinal(n: int) -> str:
@@ -68,7 +71,7 @@ def _ordinal(n: int) -> str:
 
 def _date_formats(d: dt.date) -> list[str]:
     """Ways people write `d`. Numeric forms are day-first (dd/mm/yy, dd.mm.yyyy) or ISO-like year-first, never
-    month-first, so that every string has exactly one reading."""
+    month-first, so that every string has exactly one reading; two-digit years only inside 1950-2049."""
     day, mon, year, wd = d.day, d.month, d.year, d.weekday()
     en, fr, de, es = MONTHS["en"][mon - 1], MONTHS["fr"][mon - 1], MONTHS["de"][mon - 1], MONTHS["es"][mon - 1]
     yy = f"{year % 100:02d}"
@@ -79,29 +82,41 @@ def _date_formats(d: dt.date) -> list[str]:
         f"{WEEKDAYS['fr'][wd]} {fr_day} {fr} {year}", f"{fr_day} {fr} {year}", f"le {fr_day} {fr} {year}",
         f"{day}. {de} {year}", f"{WEEKDAYS['de'][wd]}, {day}. {de} {year}",
         f"{day} de {es} de {year}", f"{WEEKDAYS['es'][wd]}, {day} de {es} de {year}",
-        f"{day:02d}/{mon:02d}/{yy}", f"{day:02d}/{mon:02d}/{year}", f"{day}/{mon}/{year}",
+        *([f"{day:02d}/{mon:02d}/{yy}"] if DATE_MIN <= d <= DATE_MAX else []),
+        f"{day:02d}/{mon:02d}/{year}", f"{day}/{mon}/{year}",
         f"{day:02d}.{mon:02d}.{year}", f"{year}/{mon:02d}/{day:02d}", f"{year}-{mon:02d}-{day:02d}",
     ]
 
 
+def _random_date(rng: random.Random, years: list[int]) -> dt.date:
+    year = rng.choice(years)
+    return dt.date(year, 1, 1) + dt.timedelta(days=rng.randrange(366 if calendar.isleap(year) else 365))
+
+
 def dates_task(seed: int = 0, n_train: int = 60000, n_eval: int = 1000) -> TaskData:
-    """Dates in many formats and four languages, to ISO 8601 (e.g. "mardi 3 mars 2021" -> "2021-03-02")."""
+    """Dates in many formats and four languages, to ISO 8601 (e.g. "mardi 3 mars 2021" -> "2021-03-02"), years
+    1000-2999. Inside 1950-2049 (where two-digit years are read) days are split between train, validation and
+    test; outside it whole years are, so `test_years` measures years never seen in training. Training draws half
+    its pairs from each range; `test` is 1950-2049, as it always was."""
     days = (DATE_MAX - DATE_MIN).days + 1
     pools: dict[str, list[dt.date]] = {"train": [], "validation": [], "test": []}
     for i in range(days):
         d = DATE_MIN + dt.timedelta(days=i)
         pools[_split_of(d.isoformat(), seed)].append(d)
+    years: dict[str, list[int]] = {"train": [], "validation": [], "test": []}
+    for year in (y for y in range(YEAR_MIN, YEAR_MAX + 1) if not DATE_MIN.year <= y <= DATE_MAX.year):
+        years[_split_of(f"year:{year}", seed)].append(year)
     rng = random.Random(seed)
 
-    def sample(pool: list[dt.date], n: int) -> list[Pair]:
-        out = []
-        for _ in range(n):
-            d = rng.choice(pool)
-            out.append((rng.choice(_date_formats(d)), d.isoformat()))
-        return out
+    def pair(d: dt.date) -> Pair:
+        return rng.choice(_date_formats(d)), d.isoformat()
 
-    return TaskData("dates", sample(pools["train"], n_train), sample(pools["validation"], n_eval),
-                    sample(pools["test"], n_eval))
+    def sample(split: str, n: int, far_share: float) -> list[Pair]:
+        return [pair(_random_date(rng, years[split]) if rng.random() < far_share else rng.choice(pools[split]))
+                for _ in range(n)]
+
+    return TaskData("dates", sample("train", n_train, 0.5), sample("validation", n_eval, 0.5),
+                    sample("test", n_eval, 0.0), {"test_years": sample("test", n_eval, 1.0)})
 
 
 # ---------------------------------------------------------------- reverse / copy

@@ -181,10 +181,12 @@ def train(task: TaskData, out: Path, model_cfg: dict, cfg: TrainConfig, tokenize
 
         best_model, _, _ = load_model(out)
         test = evaluate(best_model, test_data, cfg)
+        extra = {f"{name}_{k}": v for name, pairs in task.extra_tests.items()
+                 for k, v in evaluate(best_model, encode_pairs(tok, pairs), cfg).items()}
         result = {"task": task.name, "parameters": model.num_parameters(), "steps": step, "world_size": world,
                   "train_minutes": round((elapsed_before + time.monotonic() - start) / 60, 2),
                   "best_val_exact_match": round(best, 4), "history": history,
-                  **{f"test_{k}": v for k, v in test.items()}}
+                  **{f"test_{k}": v for k, v in test.items()}, **extra}
         write_metrics(out, result)
     if world > 1:
         dist.barrier()
@@ -240,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attnserve train: error: {e}", file=sys.stderr)
         return 2
     if result:
+        extra = "".join(f", {name} exact match {result[f'{name}_exact_match']:.4f}" for name in task.extra_tests)
         print(f"{result['task']}: test exact match {result['test_exact_match']:.4f}, token accuracy "
-              f"{result['test_token_accuracy']:.4f}, {result['parameters']:,} parameters, {result['steps']} steps "
-              f"in {result['train_minutes']:.1f} min -> {args.out}")
+              f"{result['test_token_accuracy']:.4f}{extra}, {result['parameters']:,} parameters, "
+              f"{result['steps']} steps in {result['train_minutes']:.1f} min -> {args.out}")
     return 0
 
 

@@ -19,6 +19,20 @@ def test_dates_are_deterministic_and_split_by_date():
         assert src
 
 
+def test_dates_cover_years_1000_to_2999_and_hold_out_whole_years():
+    t = dates_task(seed=0, n_train=4000, n_eval=400)
+    year = lambda pairs: {int(tgt[:4]) for _, tgt in pairs}  # noqa: E731
+    in_window = lambda y: 1950 <= y <= 2049  # noqa: E731
+    far_train = {y for y in year(t.train) if not in_window(y)}
+    held = year(t.extra_tests["test_years"])
+    assert held and not held & far_train and not any(in_window(y) for y in held)  # years never seen in training
+    assert min(far_train) < 1200 and max(far_train) > 2800 and len(far_train) > 1000  # the whole range trains
+    assert 0.4 < sum(not in_window(y) for y in (int(tgt[:4]) for _, tgt in t.train)) / len(t.train) < 0.6
+    assert all(in_window(y) for y in year(t.test))  # `test` stays the two-digit window, as it always was
+    assert "14/07/89" not in _date_formats(dt.date(1789, 7, 14))  # two-digit years only inside 1950-2049
+    assert "le 14 juillet 1789" in _date_formats(dt.date(1789, 7, 14))
+
+
 def test_date_formats_cover_languages_and_the_issue_examples():
     forms = _date_formats(dt.date(2021, 3, 3))
     assert "3rd of March 2021" in forms and "03/03/21" in forms
