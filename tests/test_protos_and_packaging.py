@@ -114,6 +114,10 @@ def _buf() -> str:
     buf = tools / "node_modules" / ".bin" / "buf"
     if not buf.exists():
         npm = shutil.which("npm")
+        if npm is None and os.geteuid() == 0 and shutil.which("apt-get"):  # a fresh Debian machine: Node's npm
+            subprocess.run(["apt-get", "install", "-y", "-qq", "npm"], capture_output=True, timeout=900,
+                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            npm = shutil.which("npm")
         assert npm, "buf lint needs buf: install Node's npm (it fetches @bufbuild/buf) or set BUF"
         done = subprocess.run([npm, "install", "--silent", "--prefix", str(tools), "@bufbuild/buf"],
                               capture_output=True, text=True, timeout=600)
