@@ -103,7 +103,7 @@ def main(conn: Connection, path: str, runner_cfg: RunnerConfig, engine_cfg: Engi
     engine.send(("ready", runner.providers))
     engine.start()
     threading.Thread(target=_end_with, args=(engine, conn), daemon=True).start()
-    by_id: dict[int, Job] = {}
+    by_id: weakref.WeakValueDictionary[int, Job] = weakref.WeakValueDictionary()  # the jobs the engine still holds
     while True:
         try:
             message = conn.recv()
@@ -113,7 +113,6 @@ def main(conn: Connection, path: str, runner_cfg: RunnerConfig, engine_cfg: Engi
         if kind == "submit":
             _, job_id, type_name, spec = message
             job = JOB_TYPES[type_name](**spec, shape=runner.shape, tokenizer=runner.tokenizer)
-            by_id = {i: j for i, j in by_id.items() if not (j.done or j.cancelled)}
             by_id[job_id] = job
             engine.ids[job] = job_id
             try:

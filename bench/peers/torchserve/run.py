@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
-import random
 import subprocess
 import sys
 import time
@@ -45,36 +43,13 @@ from server import (  # noqa: E402
 from bench.load import Record, _emit, summarise  # noqa: E402
 from bench.server_stats import tree  # noqa: E402
 
+
 # ---------------------------------------------------------------------------------------------- inputs
-MONTHS = {
-    "en": ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-           "November", "December"],
-    "fr": ["janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre", "octobre",
-           "novembre", "décembre"],
-    "de": ["Januar", "Februar", "März", "April", "Mai", "Juni", "Juli", "August", "September", "Oktober",
-           "November", "Dezember"],
-    "es": ["enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre", "octubre",
-           "noviembre", "diciembre"],
-}
+def default_texts(n: int = 1000) -> list[str]:
+    """The held-out inputs of the `dates` task, the ones `attnserve bench` sends by default."""
+    from model_src.tasks import dates_task
 
-
-def _ordinal(n: int) -> str:
-    return f"{n}{'th' if 11 <= n % 100 <= 13 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
-
-
-def default_texts(n: int = 256, seed: int = 0) -> list[str]:
-    """Dates written in several ways and four languages, e.g. "3rd of March 2021", "le 14 juillet 1989"."""
-    rng = random.Random(seed)
-    texts = ["3rd of March 2021", "le 14 juillet 1989", CHECK_TEXT, "3. März 2021", "14 de julio de 1989"]
-    while len(texts) < n:
-        d = dt.date(1950, 1, 1) + dt.timedelta(days=rng.randrange(36524))
-        en, fr, de, es = (MONTHS[lang][d.month - 1] for lang in ("en", "fr", "de", "es"))
-        texts.append(rng.choice([
-            f"{_ordinal(d.day)} of {en} {d.year}", f"{en} {d.day}, {d.year}", f"{d.day} {en} {d.year}",
-            f"{en[:3]} {d.day} {d.year}", f"le {d.day} {fr} {d.year}", f"{d.day} {fr} {d.year}",
-            f"{d.day}. {de} {d.year}", f"{d.day} de {es} de {d.year}", f"{d.day:02d}/{d.month:02d}/{d.year}",
-            f"{d.day:02d}.{d.month:02d}.{d.year}", f"{d.year}/{d.month:02d}/{d.day:02d}"]))
-    return texts
+    return [src for src, _ in dates_task(0).test[:n]]
 
 
 # ---------------------------------------------------------------------------------------------- the load process
@@ -217,7 +192,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-batch-delay-ms", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--texts-file", type=Path, help="a JSON list of source texts, cycled (default: generated dates)")
+    p.add_argument("--texts-file", type=Path, help="a JSON list of source texts, cycled (default: the `dates` "
+                   "task's held-out inputs, as `attnserve bench` sends)")
     p.add_argument("--grpc-port", type=int, default=7070, help="gRPC inference port; management is the next one")
     p.add_argument("--http-port", type=int, default=8380, help="HTTP inference port; management, metrics follow")
     p.add_argument("--default-logging", action="store_true",
