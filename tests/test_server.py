@@ -1,5 +1,6 @@
 """The gRPC server end to end: a real server on a free port, real exported models, the real client."""
 
+import threading
 import time
 
 import grpc
@@ -326,13 +327,23 @@ def test_concurrent_streams_batched_together_give_the_same_tokens(server, tiny_c
     engine = server.app.registry.get("tiny").engine
     steps_before = engine.steps
 
-    def run(i):
-        time.sleep(0.002 * (i % 4))  # stagger arrivals so sequences join a batch already under way
-        with AttnServeClient(server.address) as c:
-            return [m.token.id for m in c.generate(texts[i], model="tiny", max_new_tokens=20) if m.HasField("token")]
+    clients = [AttnServeClient(server.address) for _ in texts]
+    for c in clients:
+        c.list_models()  # connected before the burst: only the stagger below separates the arrivals
+    start = threading.Barrier(len(texts))
 
-    with ThreadPoolExecutor(len(texts)) as pool:
-        together = list(pool.map(run, range(len(texts))))
+    def run(i):
+        start.wait()
+        time.sleep(0.0003 * (i % 4))  # staggered arrivals: sequences join a batch already under way
+        return [m.token.id for m in clients[i].generate(texts[i], model="tiny", max_new_tokens=20)
+                if m.HasField("token")]
+
+    try:
+        with ThreadPoolExecutor(len(texts)) as pool:
+            together = list(pool.map(run, range(len(texts))))
+    finally:
+        for c in clients:
+            c.close()
     assert together == alone
     # fewer decoder steps than the sum of every sequence's own steps: they were batched
     assert engine.steps - steps_before < sum(len(a) + 1 for a in alone)
