@@ -13,6 +13,7 @@ USAGE = """usage: attnserve COMMAND [ARGS]
 commands:
   train      train a model on a built-in task or a TSV corpus (needs the 'train' extra)
   evaluate   held-out exact match of a checkpoint (needs the 'train' extra)
+  import-hf  a Marian (opus-mt) model folder saved by transformers -> checkpoint (needs the 'export' extra)
   export     checkpoint -> validated ONNX version in a model repository (needs the 'export' extra)
   inspect    list the attention blocks of an exported version
   serve      run the gRPC server on a model repository
@@ -33,6 +34,12 @@ def _train(argv: list[str]) -> int:
 
 def _evaluate(argv: list[str]) -> int:
     from model_src.evaluate import main
+
+    return main(argv)
+
+
+def _import_hf(argv: list[str]) -> int:
+    from model_src.marian import main
 
     return main(argv)
 
@@ -71,7 +78,7 @@ def _client(name: str):
 
 
 COMMANDS = {
-    "train": _train, "evaluate": _evaluate, "export": _export, "inspect": _inspect, "serve": _serve,
+    "train": _train, "evaluate": _evaluate, "import-hf": _import_hf, "export": _export, "inspect": _inspect, "serve": _serve,
     "generate": _client("generate"), "predict": _client("predict"), "models": _client("models"), "bench": _bench,
 }
 

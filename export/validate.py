@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from model_src.decoding import generate, pad_batch
+from model_src.decoding import generate, pad_batch, suppress
 from model_src.model import Seq2SeqTransformer
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def parity(model: Seq2SeqTransformer, sessions: dict[str, ort.InferenceSession],
             note("row_sum", max(_row_sum_error(self_attn), _row_sum_error(cross_attn)))
             past_k, past_v, np_pk, np_pv = o.present_k, o.present_v, pk, pv
             longest_past = max(longest_past, step)
-            token = o.logits.argmax(-1)
+            token = suppress(o.logits, cfg.suppress_ids).argmax(-1)
             if (token == cfg.eos_id).all():
                 break
     return {"max_abs_diff": worst, "inputs": len(sources), "batch_size": batch_size,
@@ -135,6 +135,8 @@ def ort_greedy(sessions: dict[str, ort.InferenceSession], cfg: dict, sources: li
             "input_ids": token, "positions": np.full((B,), step, dtype=np.int64),
             "self_mask": np.ones((B, step + 1), dtype=bool), "past_k": pk, "past_v": pv, "cross_k": ck,
             "cross_v": cv, "src_mask": src_mask})
+        if cfg.get("suppress_ids"):
+            logits[:, cfg["suppress_ids"]] = -np.inf  # never generated, as model_src.decoding does
         token = logits.argmax(-1).astype(np.int64)
         for i in np.flatnonzero(~done & (token != cfg["eos_id"])):
             out[i].append(int(token[i]))

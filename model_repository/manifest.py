@@ -182,6 +182,7 @@ class ModelShape:
     pad_id: int
     bos_id: int
     eos_id: int
+    suppress_ids: tuple[int, ...] = ()  # never generated (an imported Marian's <pad>); absent in older versions
 
     @property
     def head_dim(self) -> int:
@@ -197,7 +198,11 @@ class ModelShape:
         vocab = min(sizes["src_vocab_size"], sizes["tgt_vocab_size"])  # pad pads sources, bos/eos are targets'
         ids = {k: r.integer(config, f, k, 0, (vocab if k == "pad_id" else sizes["tgt_vocab_size"]) - 1)
                for k in ("pad_id", "bos_id", "eos_id")}
-        return cls(**sizes, **ids)
+        suppress = config.get("suppress_ids", [])
+        if not isinstance(suppress, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < sizes["tgt_vocab_size"] for i in suppress):
+            r.fail(f"{f}.suppress_ids", f"a list of target token ids 0..{sizes['tgt_vocab_size'] - 1}", suppress)
+        return cls(**sizes, **ids, suppress_ids=tuple(suppress))
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,27 @@ def _atomic_write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _tied(config: ModelConfig) -> dict[str, str]:
+    """Weights that are another weight (tied by the config): name -> the name stored in its place."""
+    tied = {"tgt_embed.weight": "src_embed.weight"} if config.share_embeddings else {}
+    if config.tie_output_embeddings:
+        tied["lm_head.weight"] = tied.get("tgt_embed.weight", "tgt_embed.weight")
+    return tied
+
+
 def _state_dict(model: Seq2SeqTransformer) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage; a tied target embedding is rebuilt from the config on load.
+    # safetensors refuses shared storage; tied weights are rebuilt from the config on load.
     sd = model.state_dict()
-    if model.config.share_embeddings:
-        sd.pop("tgt_embed.weight", None)
+    for name in _tied(model.config):
+        sd.pop(name, None)
     return {k: v.contiguous() for k, v in sd.items()}
+
+
+def _untie(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for name, stored in _tied(config).items():
+        if stored in state:
+            state[name] = state[stored]
+    return state
 
 
 def save_model(out: Path, model: Seq2SeqTransformer, tokenizer: Tokenizer, extra_config: dict) -> None:
@@ -82,8 +97,7 @@ def load_model(ckpt: Path, weights: Path | None = None) -> tuple[Seq2SeqTransfor
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
         raise CheckpointError(f"{weights}: corrupt weights file ({e})") from e
     model = Seq2SeqTransformer(model_config)
-    if model_config.share_embeddings:
-        state["tgt_embed.weight"] = state["src_embed.weight"]
+    state = _untie(model_config, state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -127,9 +141,7 @@ def load_resume_state(out: Path, model: Seq2SeqTransformer, optimizer: torch.opt
     tensors = load_file(str(d / "state.safetensors"))
     meta = json.loads((d / "state.json").read_text())
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    if model.config.share_embeddings:
-        model_sd["tgt_embed.weight"] = model_sd["src_embed.weight"]
-    model.load_state_dict(model_sd)
+    model.load_state_dict(_untie(model.config, model_sd))
     opt_state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):

@@ -51,6 +51,14 @@ def filter_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
     return logits
 
 
+def suppress(scores: Tensor, ids: tuple[int, ...]) -> Tensor:
+    """(B, V) logits or log-probabilities with the model's never-generated ids at -inf."""
+    if ids:
+        scores = scores.clone()
+        scores[:, list(ids)] = float("-inf")
+    return scores
+
+
 @torch.no_grad()
 def generate(model: Seq2SeqTransformer, src: list[list[int]], max_new_tokens: int = 32,
              sampling: SamplingConfig | None = None) -> list[list[int]]:
@@ -71,10 +79,11 @@ def generate(model: Seq2SeqTransformer, src: list[list[int]], max_new_tokens: in
         self_mask = torch.ones(B, step + 1, dtype=torch.bool)
         o = model.decode_step(token, position, self_mask, past_k, past_v, enc.cross_k, enc.cross_v, src_mask)
         past_k, past_v = o.present_k, o.present_v
+        logits = suppress(o.logits, cfg.suppress_ids)
         if gen is None:
-            token = o.logits.argmax(-1)
+            token = logits.argmax(-1)
         else:
-            probs = torch.softmax(filter_logits(o.logits, sampling), dim=-1)
+            probs = torch.softmax(filter_logits(logits, sampling), dim=-1)
             token = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
         for i in range(B):
             if not done[i] and token[i].item() != cfg.eos_id:
@@ -95,7 +104,7 @@ def greedy_no_cache(model: Seq2SeqTransformer, src: list[int], max_new_tokens: i
     for _ in range(max_new_tokens):
         t = torch.tensor([tgt])
         logits, _, _ = model.decode(t, torch.ones_like(t, dtype=torch.bool), enc, src_mask)
-        nxt = int(logits[0, -1].argmax())
+        nxt = int(suppress(logits[:, -1], cfg.suppress_ids)[0].argmax())
         if nxt == cfg.eos_id:
             break
         tgt.append(nxt)
@@ -107,7 +116,10 @@ def beam_search(model: Seq2SeqTransformer, src: list[int], beam_size: int = 4, m
                 length_penalty: float = 1.0) -> list[tuple[list[int], float]]:
     """Beam search for one source; returns finished hypotheses (ids, score) best first.
 
-    The score is the summed log-probability divided by length ** length_penalty (GNMT-style normalisation).
+    The score is the summed log-probability divided by length ** length_penalty, the length counting <eos>.
+    Each step ranks 2 x beam_size candidates: one ending in <eos> among the first beam_size finishes, the best
+    beam_size others go on; it stops once beam_size hypotheses have finished, and at the length limit the first
+    beam_size candidates finish as they are. This is `transformers`' beam search with early_stopping=True.
     """
     cfg = model.config
     src_ids, src_mask = pad_batch([src], cfg.pad_id)
@@ -116,31 +128,28 @@ def beam_search(model: Seq2SeqTransformer, src: list[int], beam_size: int = 4, m
     past_k, past_v = model.empty_cache(1)
     finished: list[tuple[list[int], float]] = []
     for step in range(max_new_tokens):
-        n = len(beams)
+        n, last = len(beams), step == max_new_tokens - 1
         tokens = torch.tensor([b[0][-1] if b[0] else cfg.bos_id for b in beams])
         o = model.decode_step(tokens, torch.full((n,), step), torch.ones(n, step + 1, dtype=torch.bool),
                               past_k, past_v, enc.cross_k.expand(-1, n, -1, -1, -1),
                               enc.cross_v.expand(-1, n, -1, -1, -1), src_mask.expand(n, -1))
-        logp = torch.log_softmax(o.logits, dim=-1)  # (n, V)
+        logp = suppress(torch.log_softmax(o.logits, dim=-1), cfg.suppress_ids)  # (n, V)
         scores = torch.tensor([b[1] for b in beams])[:, None] + logp  # (n, V)
         top = torch.topk(scores.flatten(), min(2 * beam_size, scores.numel()))
         V = logp.size(-1)
         new_beams, keep = [], []
-        for score, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        for rank, (score, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
             b, tok = divmod(flat, V)
             ids = beams[b][0] + [tok]
-            if tok == cfg.eos_id:
-                finished.append((ids[:-1], score / max(len(ids), 1) ** length_penalty))
-            else:
+            if tok == cfg.eos_id or last:
+                if rank < beam_size:
+                    finished.append((ids[:-1] if tok == cfg.eos_id else ids, score / len(ids) ** length_penalty))
+            elif len(new_beams) < beam_size:
                 new_beams.append((ids, score))
                 keep.append(b)
-            if len(new_beams) == beam_size:
-                break
-        if len(finished) >= beam_size or not new_beams:
+        if len(finished) >= beam_size or last or not new_beams:
             break
         beams = new_beams
         idx = torch.tensor(keep)
         past_k, past_v = o.present_k[:, idx], o.present_v[:, idx]
-    if not finished:
-        finished = [(ids, s / max(len(ids), 1) ** length_penalty) for ids, s in beams]
     return sorted(finished, key=lambda h: -h[1])

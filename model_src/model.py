@@ -8,6 +8,8 @@ Departures from the paper, each on purpose:
   (LayerNorm after each residual addition) is `pre_norm=False`. README gives the figures behind the default.
 - Masks are boolean (True = may attend) and filled with the dtype's lowest finite value, never -inf, so a fully
   masked row gives zeros instead of NaN.
+- The options after `pre_norm` exist to express imported checkpoints (Marian, see `model_src.marian`); their
+  defaults are the paper's choices, and each comment says where the other value departs from it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+POSITION_LAYOUTS = ("interleaved", "halves")
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}
 
 
 @dataclass(frozen=True)
@@ -37,8 +43,19 @@ class ModelConfig:
     eos_id: int = 2
     share_embeddings: bool = False  # only valid when source and target share one vocabulary
     pre_norm: bool = True  # LayerNorm before each sub-layer (False: after each residual add, as in the paper)
+    # The paper interleaves sin (even channels) and cos (odd); "halves" puts every sin first, then every cos
+    # (Marian, fairseq): the same frequencies in another channel order.
+    positions: str = "interleaved"
+    scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model) as the paper does (False: unscaled)
+    activation: str = "relu"  # the paper's ReLU; "gelu" (exact, erf) or "swish" (SiLU, Marian's opus-mt) instead
+    # The output projection reuses the target embedding matrix (the paper shares it; we default to untied)
+    tie_output_embeddings: bool = False
+    # Token ids never generated (Marian never emits its <pad>, which is also its decoder start); applied by
+    # decoding after log-softmax, so the graphs and their logits stay those of the model.
+    suppress_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "suppress_ids", tuple(self.suppress_ids))  # JSON gives a list
         positive = ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "n_encoder_layers",
                     "n_decoder_layers", "d_ff", "max_len")
         for name in positive:
@@ -56,13 +73,19 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0 <= value < min(self.src_vocab_size, self.tgt_vocab_size):
                 raise ValueError(f"ModelConfig.{name} ({value}) is outside the vocabulary")
+        choices = {"positions": POSITION_LAYOUTS, "activation": tuple(ACTIVATIONS)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ModelConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if any(not 0 <= i < self.tgt_vocab_size for i in self.suppress_ids) or self.eos_id in self.suppress_ids:
+            raise ValueError(f"ModelConfig.suppress_ids {list(self.suppress_ids)} must be target ids other than eos")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "suppress_ids": list(self.suppress_ids)}  # JSON's shape, so written == read back
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
@@ -149,9 +172,10 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(config.d_model, config.d_ff)
         self.fc2 = nn.Linear(config.d_ff, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
+        self.activation = ACTIVATIONS[config.activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+        return self.fc2(self.dropout(self.activation(self.fc1(x))))
 
 
 class _Residual(nn.Module):
@@ -208,8 +232,16 @@ class DecoderLayer(_Residual):
         return x, k, v, self_probs, cross_probs
 
 
-def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
-    """The paper's fixed table: sin on even channels, cos on odd, wavelengths up to 10000 * 2pi. (max_len, C)"""
+def sinusoidal_positions(max_len: int, d_model: int, layout: str = "interleaved") -> Tensor:
+    """The paper's fixed table, wavelengths up to 10000 * 2pi. (max_len, C)
+
+    "interleaved" (the paper): sin on even channels, cos on odd. "halves": channel pair i's sin at i and its cos
+    at C/2 + i, computed in float64 as Marian's table is (long positions keep 1e-7, not 1e-5).
+    """
+    if layout == "halves":
+        pos = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)  # (T, 1)
+        angle = pos / torch.pow(10000.0, torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (T, C/2)
+        return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1).float()  # (T, C)
     pos = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)  # (T, 1)
     div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
     table = torch.zeros(max_len, d_model)
@@ -240,7 +272,9 @@ class Seq2SeqTransformer(nn.Module):
         C = config.d_model
         self.src_embed = nn.Embedding(config.src_vocab_size, C)
         self.tgt_embed = self.src_embed if config.share_embeddings else nn.Embedding(config.tgt_vocab_size, C)
-        self.register_buffer("positions", sinusoidal_positions(config.max_len, C), persistent=False)
+        self.register_buffer("positions", sinusoidal_positions(config.max_len, C, config.positions),
+                             persistent=False)
+        self.embed_scale = math.sqrt(C) if config.scale_embeddings else 1.0
         self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
         # post-norm layers end normalised already; pre-norm stacks need one final LayerNorm
         self.encoder_norm = nn.LayerNorm(C) if config.pre_norm else nn.Identity()
@@ -249,6 +283,8 @@ class Seq2SeqTransformer(nn.Module):
         self.lm_head = nn.Linear(C, config.tgt_vocab_size)
         self.dropout = nn.Dropout(config.dropout)
         self.apply(self._init_weights)
+        if config.tie_output_embeddings:
+            self.lm_head.weight = self.tgt_embed.weight  # (V, C) either way; the bias stays the head's own
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -263,7 +299,7 @@ class Seq2SeqTransformer(nn.Module):
 
     def embed_source(self, src_ids: Tensor) -> Tensor:
         """Static token embeddings, scaled as in the paper, before any position or context. (B, S, C)"""
-        return self.src_embed(src_ids) * math.sqrt(self.config.d_model)
+        return self.src_embed(src_ids) * self.embed_scale
 
     def encode(self, src_ids: Tensor, src_mask: Tensor, return_hidden: bool = False):
         """Encode `src_ids` (B, S); `src_mask` (B, S) is True on real tokens.
@@ -291,8 +327,7 @@ class Seq2SeqTransformer(nn.Module):
         tgt_ids (B, T) at `positions` (B, T); past keys/values (L, B, nh, P, hs); self_mask (B, T, P+T);
         cross keys/values (L, B, nh, S, hs); src_mask (B, S).
         """
-        x = self.dropout(self.tgt_embed(tgt_ids) * math.sqrt(self.config.d_model)
-                         + self.positions[positions])  # (B, T, C)
+        x = self.dropout(self.tgt_embed(tgt_ids) * self.embed_scale + self.positions[positions])  # (B, T, C)
         cross_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
         attn_mask = self_mask[:, None, :, :]  # (B, 1, T, P+T)
         present_k, present_v, self_probs, cross_probs = [], [], [], []

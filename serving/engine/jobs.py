@@ -27,7 +27,7 @@ from ..domain import (
     TokenEvent,
 )
 from .feeds import Row
-from .sampling import check_rows, choose, log_softmax
+from .sampling import check_rows, choose, log_softmax, suppressed
 from .tokenizer import ServingTokenizer
 
 
@@ -148,7 +148,8 @@ class SequenceJob(Job):
 
     def stepped(self, step: StepOutput, first: int) -> list:
         row, p = self.rows[0], self.params
-        token, logprob = choose(step.out["logits"][first], p, self.rng, len(self.tokens))  # logits (V,)
+        token, logprob = choose(step.out["logits"][first], p, self.rng, len(self.tokens),  # logits (V,)
+                                self.shape.suppress_ids)
         self.first_token = self.first_token or step.now
         if token == self.shape.eos_id:
             return [self._finish("eos", len(self.tokens), self.text, step.now, self.first_token)]
@@ -182,8 +183,9 @@ class Hypothesis:
 
 @dataclass(eq=False)
 class BeamJob(Job):
-    """Beam search as a group of rows: 2 x beam candidates per step, a hypothesis ends at <eos> or a stop string,
-    score = summed log-prob / length ** length_penalty (the algorithm of model_src.decoding.beam_search).
+    """Beam search as a group of rows: 2 x beam candidates per step, a hypothesis ends at <eos> (among the first
+    beam candidates), a stop string or the length limit, score = summed log-prob / length ** length_penalty (the
+    algorithm of model_src.decoding.beam_search, which is transformers' with early_stopping=True).
     The best hypothesis is sent whole at the end: its tokens, then the finish with its score."""
 
     params: DecodeParams = field(default=None)
@@ -213,14 +215,19 @@ class BeamJob(Job):
         self.first_token = self.first_token or step.now
         logp = log_softmax(logits)  # (n, V)
         check_rows(logp, logits, self.steps)
+        logp = suppressed(logp, self.shape.suppress_ids)
         scores = np.array([h.score for h in self.hypotheses])[:, None] + logp  # (n, V)
         V = logp.shape[1]
         attention = [self._step_attention(step, first + b, self.rows[b]) for b in range(n)] \
             if self.decoder_attention else None
+        last = self.steps + 1 >= self.params.max_new_tokens
         survivors: list[Hypothesis] = []
         rows: list[Row] = []
-        for f in np.argsort(-scores.ravel(), kind="stable")[: 2 * k]:
+        for rank, f in enumerate(np.argsort(-scores.ravel(), kind="stable")[: 2 * k]):
             b, tok = divmod(int(f), V)
+            ends = tok == self.shape.eos_id or last
+            if (ends and rank >= k) or (not ends and len(survivors) == k):
+                continue  # only the first k candidates may finish; only k go on
             parent = self.hypotheses[b]
             hyp = Hypothesis([*parent.tokens, tok], [*parent.logprobs, float(logp[b, tok])], float(scores[b, tok]),
                              [*parent.attention, attention[b]] if attention else parent.attention)
@@ -228,23 +235,23 @@ class BeamJob(Job):
                 ended = Hypothesis(hyp.tokens[:-1], hyp.logprobs[:-1], hyp.score,
                                    hyp.attention[:-1] if attention else hyp.attention)
                 self.finished.append((ended, self._normalised(hyp.score, len(hyp.tokens)), "eos"))
+                continue
+            cut = -1
+            if self.params.stop:  # the text is only needed to look for stop strings; the winner's comes last
+                hyp.text = self.tokenizer.decode(hyp.tokens)
+                cut = min((c for c in (hyp.text.find(s) for s in self.params.stop) if c >= 0), default=-1)
+            if cut >= 0:
+                hyp.text = hyp.text[:cut]
+                self.finished.append((hyp, self._normalised(hyp.score, len(hyp.tokens)), "stop"))
+            elif last:
+                self.finished.append((hyp, self._normalised(hyp.score, len(hyp.tokens)), "length"))
             else:
-                cut = -1
-                if self.params.stop:  # the text is only needed to look for stop strings; the winner's comes last
-                    hyp.text = self.tokenizer.decode(hyp.tokens)
-                    cut = min((c for c in (hyp.text.find(s) for s in self.params.stop) if c >= 0), default=-1)
-                if cut >= 0:
-                    hyp.text = hyp.text[:cut]
-                    self.finished.append((hyp, self._normalised(hyp.score, len(hyp.tokens)), "stop"))
-                else:
-                    row = Row(self.rows[b].cross_k, self.rows[b].cross_v, self.rows[b].past_k, self.rows[b].past_v, 0)
-                    row.advance(step.out, first + b, step.P, tok)
-                    survivors.append(hyp)
-                    rows.append(row)
-            if len(survivors) == k:
-                break
+                row = Row(self.rows[b].cross_k, self.rows[b].cross_v, self.rows[b].past_k, self.rows[b].past_v, 0)
+                row.advance(step.out, first + b, step.P, tok)
+                survivors.append(hyp)
+                rows.append(row)
         self.steps += 1
-        if len(self.finished) >= k or not survivors or self.steps >= self.params.max_new_tokens:
+        if len(self.finished) >= k or not survivors or last:
             if not self.finished:
                 self.finished = [(h, self._normalised(h.score, len(h.tokens)), "length") for h in survivors]
             self.rows = []

@@ -55,12 +55,23 @@ def filtered_probs(logits: np.ndarray, p: DecodeParams) -> np.ndarray:
     return probs / total
 
 
-def choose(logits: np.ndarray, p: DecodeParams, rng: np.random.Generator | None, step: int = 0) -> tuple[int, float]:
-    """Next token and its log-probability under the model (before temperature and filtering).
+def suppressed(scores: np.ndarray, ids: tuple[int, ...]) -> np.ndarray:
+    """Logits or log-probabilities (..., V) with the model's never-generated ids at -inf (a copy when any)."""
+    if not ids:
+        return scores
+    scores = scores.copy()
+    scores[..., list(ids)] = -np.inf
+    return scores
+
+
+def choose(logits: np.ndarray, p: DecodeParams, rng: np.random.Generator | None, step: int = 0,
+           suppress: tuple[int, ...] = ()) -> tuple[int, float]:
+    """Next token and its log-probability under the model (before temperature, filtering and suppressed ids).
 
     One NaN or +inf logit makes every log-probability NaN, so checking the chosen one (or the maximum, before
     sampling) catches bad logits without a pass over the vocabulary."""
     logp = log_softmax(logits)
+    logits = suppressed(logits, suppress)
     if p.greedy or rng is None:
         token = int(np.argmax(logits))
         logprob = float(logp[token])

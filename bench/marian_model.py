@@ -1,0 +1,107 @@
+"""A Marian checkpoint built locally, saved exactly as `transformers` saves one: for tests and size measurements.
+
+Random weights, SentencePiece models trained on generated sentences, a joint vocabulary (the sources' and targets'
+pieces, padded with filler pieces up to `vocab_size`, then <pad> last as opus-mt has it). Nothing is downloaded.
+Needs the `hf` extra (transformers, sentencepiece).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCE_WORDS = ("the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "house", "green", "blue", "tree", "river",
+                "quickly", "slowly", "sees", "big", "small", "bird", "over", "under", "café", "naïve")
+TARGET_WORDS = ("le", "chat", "était", "assis", "sur", "tapis", "un", "chien", "courait", "vers", "maison", "vert",
+                "bleu", "arbre", "rivière", "vite", "lentement", "voit", "grand", "petit", "oiseau", "où", "été")
+
+
+GAIN = 7.0
+
+
+@dataclass(frozen=True)
+class MarianShape:
+    d_model: int = 32
+    heads: int = 4
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    ffn_dim: int = 64
+    vocab_size: int = 0  # 0: just the trained pieces; otherwise padded with filler pieces to this size
+    max_positions: int = 128
+    activation: str = "swish"
+    eos_bias: float = 1.5  # added to </s>'s final logits bias so random weights end sentences at varied lengths
+    seed: int = 0
+
+
+OPUS_MT = MarianShape(d_model=512, heads=8, encoder_layers=6, decoder_layers=6, ffn_dim=2048, vocab_size=58101,
+                      max_positions=512, eos_bias=0.0)
+
+
+def sentences(words: tuple[str, ...], n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
+def _train_spm(texts: list[str], vocab_size: int) -> bytes:
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                             model_type="unigram", hard_vocab_limit=False, minloglevel=2)
+    return model.getvalue()
+
+
+def build_marian(out: Path, shape: MarianShape = MarianShape()) -> Path:
+    """Write a Marian model folder (config, safetensors, source.spm, target.spm, vocab.json, tokenizer config)."""
+    import sentencepiece
+    import torch
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spms = {}
+    for name, words, seed in (("source.spm", SOURCE_WORDS, shape.seed), ("target.spm", TARGET_WORDS, shape.seed + 1)):
+        spms[name] = _train_spm(sentences(words, 2000, seed), 60)
+        (out / name).write_bytes(spms[name])
+    pieces = ["</s>", "<unk>"]  # Marian's ids: </s> 0, <unk> 1, ..., <pad> last
+    for data in spms.values():
+        sp = sentencepiece.SentencePieceProcessor(model_proto=data)
+        pieces += [p for p in (sp.id_to_piece(i) for i in range(sp.get_piece_size())) if p not in pieces
+                   and p not in ("<unk>", "<s>", "</s>")]
+    pieces += [">>fra<<", ">>spa<<"]
+    if shape.vocab_size:
+        pieces += [f"\u2581filler{i}" for i in range(shape.vocab_size - 1 - len(pieces))]
+    pieces.append("<pad>")
+    (out / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(pieces)}, ensure_ascii=False))
+    pad = len(pieces) - 1
+    config = MarianConfig(vocab_size=len(pieces), decoder_vocab_size=len(pieces), d_model=shape.d_model,
+                          encoder_layers=shape.encoder_layers, decoder_layers=shape.decoder_layers,
+                          encoder_attention_heads=shape.heads, decoder_attention_heads=shape.heads,
+                          encoder_ffn_dim=shape.ffn_dim, decoder_ffn_dim=shape.ffn_dim,
+                          max_position_embeddings=shape.max_positions, activation_function=shape.activation,
+                          scale_embedding=True, pad_token_id=pad, decoder_start_token_id=pad, eos_token_id=0,
+                          forced_eos_token_id=0, dropout=0.1)
+    torch.manual_seed(shape.seed)
+    model = MarianMTModel(config)
+    with torch.no_grad():  # random at a scale where every input matters (transformers' init is 0.02 everywhere)
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.02)
+            elif param.dim() == 2:  # Linear (out, in) and the shared embedding (V, C): std 1/sqrt(in)
+                param.normal_(0.0, param.shape[1] ** -0.5)
+        # Small token embeddings (x sqrt(d_model) they are 0.3 against the positions' 0.7) so the decoder's state
+        # moves with the position instead of repeating the previous token; a large gain on the last LayerNorm
+        # brings the tied output logits back to a std of about 2.
+        model.model.shared.weight.mul_(0.3)
+        model.model.decoder.layers[-1].final_layer_norm.weight.normal_(GAIN, 1.0)
+        model.final_logits_bias.normal_(0.0, 0.5)
+        model.final_logits_bias[0, 0] += shape.eos_bias
+    model.generation_config.bad_words_ids = [[pad]]  # as opus-mt's generation_config.json has it
+    model.save_pretrained(out)
+    tokenizer = MarianTokenizer(str(out / "source.spm"), str(out / "target.spm"), str(out / "vocab.json"), source_lang="en",
+                                target_lang="fr")
+    tokenizer.save_pretrained(out)
+    return out
