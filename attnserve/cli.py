@@ -78,7 +78,8 @@ def _client(name: str):
 
 
 COMMANDS = {
-    "train": _train, "evaluate": _evaluate, "import-hf": _import_hf, "export": _export, "inspect": _inspect, "serve": _serve,
+    "train": _train, "evaluate": _evaluate, "import-hf": _import_hf, "export": _export, "inspect": _inspect,
+    "serve": _serve,
     "generate": _client("generate"), "predict": _client("predict"), "models": _client("models"), "bench": _bench,
 }
 

@@ -101,7 +101,7 @@ def build_marian(out: Path, shape: MarianShape = MarianShape()) -> Path:
         model.final_logits_bias[0, 0] += shape.eos_bias
     model.generation_config.bad_words_ids = [[pad]]  # as opus-mt's generation_config.json has it
     model.save_pretrained(out)
-    tokenizer = MarianTokenizer(str(out / "source.spm"), str(out / "target.spm"), str(out / "vocab.json"), source_lang="en",
-                                target_lang="fr")
+    tokenizer = MarianTokenizer(str(out / "source.spm"), str(out / "target.spm"), str(out / "vocab.json"),
+                                source_lang="en", target_lang="fr")
     tokenizer.save_pretrained(out)
     return out
