@@ -93,8 +93,8 @@ def parameter_count(cfg: dict) -> int:
     encoder_layer, decoder_layer = attn + ffn + 2 * norm, 2 * attn + ffn + 3 * norm
     embed = cfg["src_vocab_size"] * d + (0 if cfg.get("share_embeddings") else cfg["tgt_vocab_size"] * d)
     final_norms = 2 * norm if cfg.get("pre_norm", True) else 0
-    return (embed + cfg["n_encoder_layers"] * encoder_layer + cfg["n_decoder_layers"] * decoder_layer + final_norms
-            + d * cfg["tgt_vocab_size"] + cfg["tgt_vocab_size"])
+    head = (0 if cfg.get("tie_output_embeddings") else d * cfg["tgt_vocab_size"]) + cfg["tgt_vocab_size"]
+    return embed + cfg["n_encoder_layers"] * encoder_layer + cfg["n_decoder_layers"] * decoder_layer + final_norms + head
 
 
 def decoder_params_per_token(cfg: dict) -> int:

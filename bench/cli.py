@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each level's window")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--checkpoint", type=Path, help="the model's checkpoint: held-out inputs and PyTorch anchors")
+    p.add_argument("--texts-file", type=Path, help="a JSON list of source texts to send instead (e.g. for an "
+                   "imported model, which has no task)")
     p.add_argument("--int8-version-dir", type=Path, help="an int8 version of the same model, for fp32 vs int8")
     p.add_argument("--no-anchors", action="store_true", help="skip the in-process anchors")
     p.add_argument("--out", type=Path, default=Path("out/bench"))
@@ -244,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.server is None and args.repo is None:
         raise SystemExit("attnserve bench: give --repo (the bench serves it) or --server ADDRESS")
     version = _latest_version(args.repo, args.model) if args.repo else None
-    texts, texts_from = _texts(args.checkpoint, read_manifest(version).get("task") if version else None)
+    if args.texts_file:
+        texts, texts_from = json.loads(args.texts_file.read_text(encoding="utf-8")), f"`{args.texts_file.name}`"
+    else:
+        texts, texts_from = _texts(args.checkpoint, read_manifest(version).get("task") if version else None)
     args.out.mkdir(parents=True, exist_ok=True)
     notes = []
     if sys.platform != "linux" and (args.server is None or args.server_pid):
