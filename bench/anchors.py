@@ -94,7 +94,8 @@ def parameter_count(cfg: dict) -> int:
     embed = cfg["src_vocab_size"] * d + (0 if cfg.get("share_embeddings") else cfg["tgt_vocab_size"] * d)
     final_norms = 2 * norm if cfg.get("pre_norm", True) else 0
     head = (0 if cfg.get("tie_output_embeddings") else d * cfg["tgt_vocab_size"]) + cfg["tgt_vocab_size"]
-    return embed + cfg["n_encoder_layers"] * encoder_layer + cfg["n_decoder_layers"] * decoder_layer + final_norms + head
+    layers = cfg["n_encoder_layers"] * encoder_layer + cfg["n_decoder_layers"] * decoder_layer
+    return embed + layers + final_norms + head
 
 
 def decoder_params_per_token(cfg: dict) -> int:

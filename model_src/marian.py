@@ -156,7 +156,7 @@ def read_tokenizer(folder: Path) -> MarianTokenizer:
         if not (folder / name).is_file():
             raise MarianImportError(f"{folder}: missing {name}")
     vocab = vocab_list(folder / "vocab.json")
-    target = vocab_list(folder / tok_config.get("target_vocab_file", "target_vocab.json")) \
+    target = vocab_list(folder / Path(tok_config.get("target_vocab_file") or "target_vocab.json").name) \
         if tok_config.get("separate_vocabs") else None
     index = {p: i for i, p in enumerate(vocab)}
     specials = {}
@@ -166,6 +166,9 @@ def read_tokenizer(folder: Path) -> MarianTokenizer:
         if piece not in index:
             raise MarianImportError(f"vocab.json: the {role} {piece!r} is not in the vocabulary")
         specials[default] = index[piece]
+        if target is not None and (specials[default] >= len(target) or target[specials[default]] != piece):
+            raise MarianImportError(f"target vocabulary: the {role} {piece!r} is not at id {specials[default]} as "
+                                    "in vocab.json")
     return MarianTokenizer((folder / "source.spm").read_bytes(), (folder / "target.spm").read_bytes(), vocab, target,
                            specials)
 

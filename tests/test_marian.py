@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from bench.marian_model import SOURCE_WORDS, build_marian, sentences
+from bench.marian_model import SOURCE_WORDS, MarianShape, build_marian, sentences
 from export.pipeline import ExportConfig, export_checkpoint
 from model_src.checkpoint import load_model
 from model_src.decoding import beam_search, generate, pad_batch
@@ -27,9 +27,8 @@ from tests.server_harness import start
 N_INPUTS, MAX_NEW = 64, 40
 
 
-@pytest.fixture(scope="module")
-def marian(tmp_path_factory):
-    folder = build_marian(tmp_path_factory.mktemp("marian-hf") / "tiny-marian")
+def _built(tmp_path_factory, shape: MarianShape) -> dict:
+    folder = build_marian(tmp_path_factory.mktemp("marian-hf") / "tiny-marian", shape)
     ckpt = tmp_path_factory.mktemp("marian-ckpt") / "ckpt"
     import_marian(folder, ckpt)
     model, tok, _ = load_model(ckpt)
@@ -39,13 +38,30 @@ def marian(tmp_path_factory):
     return {"folder": folder, "ckpt": ckpt, "model": model, "tok": tok, "hf": hf, "hf_tok": hf_tok, "texts": texts}
 
 
+@pytest.fixture(scope="module")
+def marian(tmp_path_factory):
+    """One vocabulary and one embedding for both sides, as opus-mt has them."""
+    return _built(tmp_path_factory, MarianShape())
+
+
+@pytest.fixture(scope="module")
+def marian_separate(tmp_path_factory):
+    """Separate source and target vocabularies and embeddings (Marian's separate_vocabs)."""
+    return _built(tmp_path_factory, MarianShape(separate_vocabs=True, seed=1))
+
+
+BOTH = pytest.mark.parametrize("which", ["marian", "marian_separate"])
+
+
 def _hf_tokens(row: torch.Tensor, m) -> list[int]:
     """A generated row without its start token, </s> and the padding after it."""
     ids = row.tolist()[1:]
     return ids[: ids.index(m.config.eos_id)] if m.config.eos_id in ids else ids
 
 
-def test_tokenizers_are_id_for_id_transformers(marian):
+@BOTH
+def test_tokenizers_are_id_for_id_transformers(request, which):
+    marian = request.getfixturevalue(which)
     tok, hf_tok = marian["tok"], marian["hf_tok"]
     serving = ServingTokenizer(tok.to_dict())
     texts = [*sentences(SOURCE_WORDS, 200, seed=3), ">>fra<< the cat", "Hello, zebra! 42", "", "naïve café"]
@@ -60,7 +76,9 @@ def test_tokenizers_are_id_for_id_transformers(marian):
         assert tok.decode(ids) == want and serving.decode(ids) == want, ids
 
 
-def test_logits_and_every_attention_match_transformers(marian):
+@BOTH
+def test_logits_and_every_attention_match_transformers(request, which):
+    marian = request.getfixturevalue(which)
     model, hf, tok = marian["model"], marian["hf"], marian["tok"]
     src_ids, src_mask = pad_batch([tok.encode(t) for t in marian["texts"]], model.config.pad_id)
     B = src_ids.size(0)
@@ -83,7 +101,9 @@ def test_logits_and_every_attention_match_transformers(marian):
         assert ((dec_self[layer] - ref.decoder_attentions[layer]).abs() * real_q).max() < 1e-5
 
 
-def test_greedy_generation_is_token_identical(marian):
+@BOTH
+def test_greedy_generation_is_token_identical(request, which):
+    marian = request.getfixturevalue(which)
     model, hf, hf_tok, tok = marian["model"], marian["hf"], marian["hf_tok"], marian["tok"]
     ours = generate(model, [tok.encode(t) for t in marian["texts"]], max_new_tokens=MAX_NEW)
     batch = hf_tok(marian["texts"], return_tensors="pt", padding=True)
