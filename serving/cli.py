@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-port", type=int, default=_env("HEALTH_PORT", -1),
                    help="also serve grpc.health.v1 alone, in plaintext, on this port (for probes that cannot "
                         "speak TLS, such as the kubelet's gRPC probes); -1 (default): off")
-    sec = p.add_argument_group("security", "TLS, mutual TLS and bearer tokens on the gRPC port")
+    p.add_argument("--http-port", type=int, default=_env("HTTP_PORT", -1),
+                   help="also serve HTTP on this port: the Open Inference Protocol's REST endpoints, Triton's "
+                        "generate and generate_stream (SSE), and the attention explorer at / (same TLS and "
+                        "tokens as the gRPC port); -1 (default): off")
+    sec = p.add_argument_group("security", "TLS, mutual TLS and bearer tokens on the gRPC (and HTTP) port")
     for name, help_text in (("tls_cert", "PEM certificate chain: serve TLS"), ("tls_key", "its PEM private key"),
                             ("tls_client_ca", "mutual TLS: clients must present a certificate signed by this CA"),
                             ("auth_token_file", "inference tokens, one per line; model calls need one"),
@@ -84,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                         metrics_address=args.metrics_address, security=security,
                         health_port=None if args.health_port < 0 else args.health_port,
+                        http_port=None if args.http_port < 0 else args.http_port,
                         poll_seconds=args.poll_seconds, grace_seconds=args.grace_seconds,
                         drain_seconds=args.drain_seconds, max_batch=args.max_batch,
                         restart_seconds=args.restart_seconds, engine_processes=args.engine_processes)

@@ -132,6 +132,13 @@ def infer_from_pb(req: pb.ModelInferRequest) -> InferCall:
     if not sources:
         raise InvalidRequest(f"input '{t.name}' for model '{model}' holds no element")
     params = {k: _param(v) for k, v in req.parameters.items()}
+    return infer_call(model, req.model_version, sources, params, tuple(o.name for o in req.outputs))
+
+
+def infer_call(model: str, version: str, sources: list[Source], params: dict, outputs: tuple[str, ...],
+               stop_lists: bool = False) -> InferCall:
+    """The request's parameters and requested outputs checked against the contract (gRPC and REST alike).
+    `stop_lists`: JSON can carry a list of stop strings where protobuf parameters carry one string."""
     unknown = set(params) - _KNOWN
     if unknown:
         raise InvalidRequest(f"unknown request parameter(s) {sorted(unknown)} for model '{model}'; known: "
@@ -142,7 +149,7 @@ def infer_from_pb(req: pb.ModelInferRequest) -> InferCall:
     for name in _FLOAT & set(params):
         if isinstance(params[name], bool) or not isinstance(params[name], int | float):
             raise InvalidRequest(f"parameter '{name}' must be a number (double_param), got {params[name]!r}")
-    outputs = tuple(o.name for o in req.outputs) or DEFAULT_OUTPUTS
+    outputs = outputs or DEFAULT_OUTPUTS
     for name in outputs:
         if name not in OUTPUTS:
             raise InvalidRequest(f"unexpected inference output '{name}' for model '{model}'; it has "
@@ -152,10 +159,16 @@ def infer_from_pb(req: pb.ModelInferRequest) -> InferCall:
                               _indices(params.get("attention_heads", ""), "attention_heads"),
                               bool(params.get("mean_over_heads", False))) if kinds else None
     stop = params.get("stop")
+    if stop_lists and isinstance(stop, list):
+        if not all(isinstance(x, str) for x in stop):
+            raise InvalidRequest(f"parameter 'stop' must be a string or a list of strings, got {stop!r}")
+        stops = tuple(x for x in stop if x)
+    else:
+        stops = (str(stop),) if stop else ()
     options = DecodeOptions(max_new_tokens=params.get("max_new_tokens"), temperature=params.get("temperature"),
                             top_k=params.get("top_k"), top_p=params.get("top_p"), seed=params.get("seed"),
-                            stop=(str(stop),) if stop else ())
-    return InferCall(ModelRef(model, version_of(req.model_version, model)), sources, options,
+                            stop=stops)
+    return InferCall(ModelRef(model, version_of(version, model)), sources, options,
                      int(params.get("beam_size", 0)), attention, outputs,
                      bool(params.get("triton_enable_empty_final_response", False)))
 

@@ -91,32 +91,7 @@ class KServeServicer:
     # ------------------------------------------------------------------ inference
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         call = t.infer_from_pb(request)
-        deadline = convert.deadline_of(context.time_remaining())
-        wants_predict = any(o not in t.ENCODE_OUTPUTS for o in call.outputs)
-        wants_encode = any(o in t.ENCODE_OUTPUTS for o in call.outputs)
-        predictions = await asyncio.gather(*(self.api.predict(PredictRequest(
-            call.model, s, call.options, call.attention, deadline, call.beam_size)) for s in call.sources)) \
-            if wants_predict else []
-        encodings = await asyncio.gather(*(self.api.encode(EncodeRequest(call.model, s, deadline))
-                                           for s in call.sources)) if wants_encode else []
-        served = (predictions or encodings)[0].served.model
-        values: dict[str, np.ndarray | list[str]] = {}
-        for name in call.outputs:
-            if name == "TEXT":
-                values[name] = [p.text for p in predictions]
-            elif name == "TOKEN_IDS":
-                values[name] = t.padded([np.array([k.id for k in p.tokens], np.int64) for p in predictions], -1,
-                                        np.int64)  # (N, T)
-            elif name == "LOGPROBS":
-                values[name] = t.padded([np.array([k.logprob for k in p.tokens], np.float32) for p in predictions],
-                                        0.0, np.float32)  # (N, T)
-            elif name in t.ATTENTION_OUTPUTS:
-                values[name] = t.padded([t.stacked_attention(p.attention, t.ATTENTION_OUTPUTS[name])
-                                         for p in predictions], 0.0, np.float32)  # (N, L, h, Tq, Tk)
-            elif name == "EMBEDDINGS":
-                values[name] = t.padded([e.embeddings for e in encodings], 0.0, np.float32)  # (N, S, d)
-            else:
-                values[name] = t.padded([e.hidden_states for e in encodings], 0.0, np.float32)  # (N, L, S, d)
+        served, values = await infer(self.api, call, convert.deadline_of(context.time_remaining()))
         return t.response_to_pb(served, request.id, values)
 
     async def ModelStreamInfer(self, requests: AsyncIterator,
@@ -188,19 +163,55 @@ class KServeServicer:
     @staticmethod
     def _token_response(model: ModelRef, request_id: str, call: t.InferCall,
                         ev: TokenEvent) -> pb.ModelStreamInferResponse:
-        values: dict[str, np.ndarray | list[str]] = {}
-        for name in call.outputs:
-            if name == "TEXT":
-                values[name] = [ev.text]
-            elif name == "TOKEN_IDS":
-                values[name] = np.array([[ev.id]], np.int64)  # (1, 1)
-            elif name == "LOGPROBS":
-                values[name] = np.array([[ev.logprob]], np.float32)  # (1, 1)
-            else:
-                values[name] = t.stacked_attention(ev.attention, t.ATTENTION_OUTPUTS[name])[None]  # (1, L, h, 1, k)
-        response = t.response_to_pb(model, request_id, values, {"triton_final_response": False,
-                                                                "token_index": ev.index})
+        response = t.response_to_pb(model, request_id, token_values(call.outputs, ev),
+                                    {"triton_final_response": False, "token_index": ev.index})
         return pb.ModelStreamInferResponse(infer_response=response)
+
+
+async def infer(api: InferenceAPI, call: t.InferCall, deadline: float | None) -> tuple[ModelRef, dict]:
+    """ModelInfer on the engine API, for gRPC and REST: a Predict per row (batched by the engine together), an
+    Encode per row when the Encode outputs are named; returns the model that answered and the output values."""
+    wants_predict = any(o not in t.ENCODE_OUTPUTS for o in call.outputs)
+    wants_encode = any(o in t.ENCODE_OUTPUTS for o in call.outputs)
+    predictions = await asyncio.gather(*(api.predict(PredictRequest(
+        call.model, s, call.options, call.attention, deadline, call.beam_size)) for s in call.sources)) \
+        if wants_predict else []
+    encodings = await asyncio.gather(*(api.encode(EncodeRequest(call.model, s, deadline))
+                                       for s in call.sources)) if wants_encode else []
+    served = (predictions or encodings)[0].served.model
+    values: dict[str, np.ndarray | list[str]] = {}
+    for name in call.outputs:
+        if name == "TEXT":
+            values[name] = [p.text for p in predictions]
+        elif name == "TOKEN_IDS":
+            values[name] = t.padded([np.array([k.id for k in p.tokens], np.int64) for p in predictions], -1,
+                                    np.int64)  # (N, T)
+        elif name == "LOGPROBS":
+            values[name] = t.padded([np.array([k.logprob for k in p.tokens], np.float32) for p in predictions],
+                                    0.0, np.float32)  # (N, T)
+        elif name in t.ATTENTION_OUTPUTS:
+            values[name] = t.padded([t.stacked_attention(p.attention, t.ATTENTION_OUTPUTS[name])
+                                     for p in predictions], 0.0, np.float32)  # (N, L, h, Tq, Tk)
+        elif name == "EMBEDDINGS":
+            values[name] = t.padded([e.embeddings for e in encodings], 0.0, np.float32)  # (N, S, d)
+        else:
+            values[name] = t.padded([e.hidden_states for e in encodings], 0.0, np.float32)  # (N, L, S, d)
+    return served, values
+
+
+def token_values(outputs: tuple[str, ...], ev: TokenEvent) -> dict[str, np.ndarray | list[str]]:
+    """One streamed token's outputs, each with a batch of 1."""
+    values: dict[str, np.ndarray | list[str]] = {}
+    for name in outputs:
+        if name == "TEXT":
+            values[name] = [ev.text]
+        elif name == "TOKEN_IDS":
+            values[name] = np.array([[ev.id]], np.int64)  # (1, 1)
+        elif name == "LOGPROBS":
+            values[name] = np.array([[ev.logprob]], np.float32)  # (1, 1)
+        else:
+            values[name] = t.stacked_attention(ev.attention, t.ATTENTION_OUTPUTS[name])[None]  # (1, L, h, 1, k)
+    return values
 
 
 def add_to_server(servicer: KServeServicer, server: grpc.aio.Server) -> None:

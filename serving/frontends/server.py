@@ -30,6 +30,7 @@ from ..engine.runner import RunnerConfig, check_runtime_install, resolve_provide
 from ..metrics import Metrics
 from . import kserve_v2
 from .attnserve_v1 import AttnServeServicer
+from .http_server import HttpFrontend
 from .security import Authorizer, SecurityConfig, server_credentials
 from .status import StatusInterceptor, quiet_client_departures
 
@@ -50,6 +51,7 @@ class ServerConfig:
     metrics_port: int | None = 9100  # None: no metrics endpoint; 0: a free port
     metrics_address: str = "127.0.0.1"  # loopback by default; the container images pass 0.0.0.0
     health_port: int | None = None  # a plaintext port serving grpc.health.v1 only (probes that cannot speak TLS)
+    http_port: int | None = None  # REST (Open Inference Protocol, Triton's generate) and the explorer; None: off
     security: SecurityConfig = field(default_factory=SecurityConfig)
     poll_seconds: float = 2.0  # repository scan interval for new versions; 0 disables
     grace_seconds: float = 10.0  # how long streams in flight may run on after SIGTERM
@@ -89,6 +91,8 @@ class App:
         self.metrics_port: int | None = None
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
+        self.http: HttpFrontend | None = None
+        self.http_port: int | None = None
         self._watcher: asyncio.Task | None = None
         self._health_names: set[str] = set()
         self._health_tasks: set[asyncio.Task] = set()
@@ -131,8 +135,10 @@ class App:
             self._watcher.cancel()
         # Health checks still answer (NOT_SERVING) and new calls get UNAVAILABLE while balancers take us out.
         await asyncio.sleep(self.cfg.drain_seconds)
-        if self.server is not None:
-            await self.server.stop(self.cfg.grace_seconds if grace is None else grace)
+        stopping = [self.server.stop(self.cfg.grace_seconds if grace is None else grace)] if self.server else []
+        if self.http is not None:
+            stopping.append(self.http.stop())
+        await asyncio.gather(*stopping)
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.registry.close()
@@ -174,6 +180,11 @@ async def create_server(cfg: ServerConfig) -> App:
         await app.health_server.start()
     if cfg.metrics_port is not None:
         app.metrics_port = app.metrics.start(cfg.metrics_port, cfg.metrics_address)
+    if cfg.http_port is not None:
+        app.http = HttpFrontend(app.api, app.metrics, app.serving, lambda: app.shutting_down, authorizer,
+                                limits.max_message_bytes)
+        app.http_port = await app.http.start(cfg.address.rsplit(":", 1)[0].strip("[]"), cfg.http_port, cfg.security,
+                                             cfg.grace_seconds)
     await app.registry.refresh()
     await app.sync_health()
     if not app.registry.models:
@@ -226,8 +237,8 @@ async def serve(cfg: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT; exit code 0 on a clean stop."""
     app = await create_server(cfg)
     models = ", ".join(f"{n} v{m.runner.version} on {m.runner.providers[0]}" for n, m in app.registry.models.items())
-    log.info("attnserve listening on %s (port %d), metrics on %s; models: %s", cfg.address, app.port,
-             app.metrics_port, models or "none yet")
+    log.info("attnserve listening on %s (port %d), metrics on %s, HTTP on %s; models: %s", cfg.address, app.port,
+             app.metrics_port, app.http_port, models or "none yet")
     print(f"attnserve: serving {models or 'no model yet'} on {cfg.address.rsplit(':', 1)[0]}:{app.port}",
           flush=True)
     stop = asyncio.Event()
