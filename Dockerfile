@@ -21,7 +21,7 @@ COPY protos ./protos
 COPY bench ./bench
 RUN pip install '.[cpu]' && useradd --system --uid 10001 attnserve
 USER attnserve
-EXPOSE 50051 9100
+EXPOSE 50051 9100 8000
 ENTRYPOINT ["attnserve"]
 CMD ["serve", "--repo", "/models", "--address", "0.0.0.0:50051", "--metrics-port", "9100", "--metrics-address", "0.0.0.0"]
 
@@ -46,7 +46,7 @@ WORKDIR /app
 COPY --from=serve /app /app
 # Exactly one onnxruntime distribution: with both installed the CUDA provider disappears.
 RUN pip install '.[gpu]'
-EXPOSE 50051 9100
+EXPOSE 50051 9100 8000
 ENTRYPOINT ["attnserve"]
 CMD ["serve", "--repo", "/models", "--address", "0.0.0.0:50051", "--providers", "cuda,cpu", "--require-gpu", \
      "--metrics-address", "0.0.0.0"]

@@ -39,7 +39,8 @@ class Stack:
     def __init__(self) -> None:
         self.compose = compose_binary()
         self.ports = {name: _free_port() for name in ("ATTNSERVE_GRPC_PORT", "ATTNSERVE_METRICS_PORT",
-                                                      "ATTNSERVE_LB_PORT", "ATTNSERVE_LB_STATS_PORT")}
+                                                      "ATTNSERVE_HTTP_PORT", "ATTNSERVE_LB_PORT",
+                                                      "ATTNSERVE_LB_STATS_PORT")}
         self.env = {**os.environ, **base_images(), **{k: str(v) for k, v in self.ports.items()},
                     "BUILD_NETWORK": "host",  # builds reach the package registries the way this machine does
                     "TORCH_INDEX": os.environ.get("ATTNSERVE_TEST_TORCH_INDEX", "https://pypi.org/simple"),
@@ -116,6 +117,12 @@ def test_the_server_answers_through_its_published_port_and_exports_metrics(stack
         assert "".join(m.token.text for m in tokens) == "1976-07-04" == messages[-1].finish.text
         assert all(m.attention for m in tokens)
         assert c.predict("le 14 juillet 1989", attention="all").text == "1989-07-14"
+    http = f"http://127.0.0.1:{stack.ports['ATTNSERVE_HTTP_PORT']}"
+    body = json.dumps({"text_input": "July 4, 1976"}).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"{http}/v2/models/dates/generate", body), timeout=30) as r:
+        assert json.loads(r.read())["text_output"] == "1976-07-04"
+    with urllib.request.urlopen(f"{http}/", timeout=30) as r:
+        assert b"attention explorer" in r.read()  # the page, from the installed package's files
     text = _scrape("127.0.0.1", stack.ports["ATTNSERVE_METRICS_PORT"])
     assert _metric(text, "attnserve_requests_total", method="Generate", code="OK") >= 1
     assert _metric(text, "attnserve_requests_total", method="Predict", code="OK") >= 1

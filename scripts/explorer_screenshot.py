@@ -1,0 +1,84 @@
+"""The README's explorer screenshot: serve a repository with HTTP on, stream one source in headless Chromium.
+
+    python scripts/explorer_screenshot.py [--repo models --model dates --source "le 14 juillet 1789"]
+
+Needs the dev extra (selenium) and Debian's chromium + chromium-driver. Writes docs/explorer.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repo", type=Path, default=ROOT / "models")
+    p.add_argument("--model", default="dates")
+    p.add_argument("--source", default="le 14 juillet 1789")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "explorer.png")
+    args = p.parse_args()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    http = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "attnserve.cli", "serve", "--repo", str(args.repo), "--model",
+                               args.model, "--address", f"127.0.0.1:{_free_port()}", "--http-port", str(http),
+                               "--metrics-port", "-1"])
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1000"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the server answers ready (the browser would show its own error page)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        browser.get(f"http://127.0.0.1:{http}/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: Select(b.find_element(By.ID, "model")).options)
+        Select(browser.find_element(By.ID, "model")).select_by_value(args.model)
+        source = browser.find_element(By.ID, "source")
+        source.clear()
+        source.send_keys(args.source)
+        browser.find_element(By.ID, "run").click()
+        wait.until(lambda b: b.find_element(By.ID, "output").get_attribute("data-done") == "true")
+        Select(browser.find_element(By.ID, "layer")).select_by_value("1")
+        Select(browser.find_element(By.ID, "head")).select_by_value("mean")
+        cells = browser.find_elements(By.CSS_SELECTOR, '#heatmap td[data-row="3"]')
+        if cells:
+            cells[-1].click()  # a tooltip in the picture: "9" looks at the source's last "9"
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(args.out))
+        print(f"wrote {args.out}")
+    finally:
+        browser.quit()
+        server.terminate()
+        server.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
