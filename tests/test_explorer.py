@@ -102,6 +102,14 @@ def test_the_explorer_streams_a_generation_and_fills_the_heatmap_row_by_row(serv
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     b.save_screenshot(str(SCREENSHOTS / "generate.png"))
 
+    b.find_element(By.ID, "want-self").click()  # decoder self-attention on request: a triangle, one key per step
+    b.find_element(By.ID, "run").click()
+    _wait(b, lambda: b.find_element(By.ID, "output").get_attribute("data-done") == "true"
+          and len(Select(b.find_element(By.ID, "kind")).options) == 2)
+    Select(b.find_element(By.ID, "kind")).select_by_value("decoder_self")
+    rows = b.find_elements(By.CSS_SELECTOR, "#heatmap tbody tr")
+    assert [len(r.find_elements(By.TAG_NAME, "td")) for r in rows] == list(range(1, len(want.tokens) + 1))
+
     b.find_element(By.ID, "tab-encode").click()
     a_input, b_input = b.find_element(By.ID, "sentence-a"), b.find_element(By.ID, "sentence-b")
     a_input.clear()

@@ -66,6 +66,7 @@ async function generate(event) {
   state.controller = controller;
   state.steps = []; state.sourceTokens = [];
   $("output").replaceChildren();
+  $("output").dataset.done = "false";
   renderHeatmap();
   $("run").disabled = true; $("stop").disabled = false;
   const wantSelf = $("want-self").checked;
