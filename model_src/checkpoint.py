@@ -47,7 +47,7 @@ def _state_dict(model: Seq2SeqTransformer) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     for name in _tied(model.config):
         sd.pop(name, None)
-    return {k: v.contiguous() for k, v in sd.items()}
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}  # wherever it trained, saved from CPU
 
 
 def _untie(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -127,7 +127,7 @@ def save_resume_state(out: Path, model: Seq2SeqTransformer, optimizer: torch.opt
     opt = optimizer.state_dict()
     for pid, pstate in opt["state"].items():
         for name, value in pstate.items():
-            tensors[f"optim.{pid}.{name}"] = value.detach().clone().contiguous().reshape(value.shape)
+            tensors[f"optim.{pid}.{name}"] = value.detach().cpu().clone().contiguous().reshape(value.shape)
     tmp = d / "state.safetensors.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, d / "state.safetensors")

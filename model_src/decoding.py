@@ -64,19 +64,20 @@ def generate(model: Seq2SeqTransformer, src: list[list[int]], max_new_tokens: in
              sampling: SamplingConfig | None = None) -> list[list[int]]:
     """Greedy (default) or sampled decoding with the KV cache; returns the ids after <bos>, without <eos>."""
     cfg = model.config
-    src_ids, src_mask = pad_batch(src, cfg.pad_id)
+    device = next(model.parameters()).device
+    src_ids, src_mask = (x.to(device) for x in pad_batch(src, cfg.pad_id))
     B = src_ids.size(0)
     enc = model.encode(src_ids, src_mask)
-    past_k, past_v = model.empty_cache(B)
-    token = torch.full((B,), cfg.bos_id, dtype=torch.long)
-    done = torch.zeros(B, dtype=torch.bool)
+    past_k, past_v = model.empty_cache(B, device, enc.memory.dtype)
+    token = torch.full((B,), cfg.bos_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(B)]
     gen = None
     if sampling is not None and sampling.temperature > 0:
         gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else 0)
     for step in range(max_new_tokens):
-        position = torch.full((B,), step, dtype=torch.long)
-        self_mask = torch.ones(B, step + 1, dtype=torch.bool)
+        position = torch.full((B,), step, dtype=torch.long, device=device)
+        self_mask = torch.ones(B, step + 1, dtype=torch.bool, device=device)
         o = model.decode_step(token, position, self_mask, past_k, past_v, enc.cross_k, enc.cross_v, src_mask)
         past_k, past_v = o.present_k, o.present_v
         logits = suppress(o.logits, cfg.suppress_ids)
@@ -84,10 +85,10 @@ def generate(model: Seq2SeqTransformer, src: list[list[int]], max_new_tokens: in
             token = logits.argmax(-1)
         else:
             probs = torch.softmax(filter_logits(logits, sampling), dim=-1)
-            token = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-        for i in range(B):
-            if not done[i] and token[i].item() != cfg.eos_id:
-                out[i].append(int(token[i]))
+            token = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(device)
+        for i, (tok, finished) in enumerate(zip(token.tolist(), done.tolist(), strict=True)):
+            if not finished and tok != cfg.eos_id:
+                out[i].append(tok)
         done |= token == cfg.eos_id
         if done.all():
             break

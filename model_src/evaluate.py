@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from .checkpoint import CheckpointError, load_model
+from .data import encode_pairs
+from .scoring import evaluate
 from .tasks import CorpusError, task_of_checkpoint, tsv_task
-from .train import TrainConfig, encode_pairs, evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in [args.split] if args.split else ["test", *task.extra_tests]:
         pairs = encode_pairs(tok, splits[name])
         start = time.monotonic()
-        m = evaluate(model, pairs, TrainConfig())
+        corpus = config.get("data") is not None or args.data is not None  # BLEU and chrF for user corpora
+        m = evaluate(model, pairs, tok=tok, references=[t for _, t in splits[name]] if corpus else None)
+        quality = f", BLEU {m['bleu']:.2f}, chrF {m['chrf']:.2f}" if "bleu" in m else ""
         print(f"{task.name} {name} split ({len(pairs)} held-out pairs): exact match {m['exact_match']:.4f}, "
-              f"token accuracy {m['token_accuracy']:.4f}, loss {m['loss']:.3f} "
+              f"token accuracy {m['token_accuracy']:.4f}{quality}, loss {m['loss']:.3f} "
               f"[{model.num_parameters():,} parameters, {time.monotonic() - start:.1f} s]")
     return 0

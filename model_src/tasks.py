@@ -172,37 +172,27 @@ class CorpusError(ValueError):
 
 
 def read_tsv(path: Path) -> list[Pair]:
-    path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path}: no such file")
-    pairs: list[Pair] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2:
-                raise CorpusError(f"{path}:{lineno}: expected 'source<TAB>target', found {len(parts)} "
-                                  f"tab-separated field(s)")
-            src, tgt = parts
-            if not src.strip() or not tgt.strip():
-                raise CorpusError(f"{path}:{lineno}: empty {'source' if not src.strip() else 'target'}")
-            pairs.append((src, tgt))
+    """A small corpus whole, checked line by line (large ones are streamed: model_src.data.Corpus)."""
+    from .data import Corpus
+
+    pairs = [pair for _, pair in Corpus(Path(path)).lines()]
     if not pairs:
         raise CorpusError(f"{path}: the corpus is empty (no 'source<TAB>target' lines)")
     return pairs
 
 
-def tsv_task(path: Path, seed: int = 0) -> TaskData:
-    """A user corpus split 80/10/10 by a stable hash of the source, so a repeated source stays in one split."""
-    pairs = read_tsv(path)
-    splits: dict[str, list[Pair]] = {"train": [], "validation": [], "test": []}
-    for pair in pairs:
-        splits[_split_of(pair[0], seed)].append(pair)
-    if not splits["train"]:
-        raise CorpusError(f"{path}: too few lines to hold out validation and test data ({len(pairs)} line(s))")
-    # Tiny corpora: fall back to evaluating on training pairs rather than on nothing.
-    validation = splits["validation"] or splits["train"][:50]
-    test = splits["test"] or validation
-    return TaskData(Path(path).stem, splits["train"], validation, test)
+def tsv_task(path: Path, seed: int = 0, limit: int = 5_000) -> TaskData:
+    """A user corpus's held-out splits, streamed from disk: 80/10/10 by a stable hash of the source (a repeated
+    source stays in one split), each kept to its first `limit` pairs. Training reads the corpus itself
+    (model_src.data.Corpus); `train` here is empty."""
+    from .data import Corpus
+
+    corpus = Corpus(Path(path), seed)
+    validation, test = corpus.split("validation", limit), corpus.split("test", limit)
+    if not validation or not test:  # tiny corpora: evaluate on training pairs rather than on nothing
+        fallback = corpus.split("train", 50)
+        if not fallback and not validation and not test:
+            raise CorpusError(f"{path}: the corpus is empty (no 'source<TAB>target' lines)")
+        validation = validation or fallback
+        test = test or validation
+    return TaskData(Path(path).stem, [], validation, test)

@@ -113,6 +113,11 @@ class MarianTokenizer:
         pieces = code + self._source.encode(text, out_type=str)
         return [self._index.get(p, self.unk_id) for p in pieces] + [self.eos_id]
 
+    def encode_target(self, text: str) -> list[int]:
+        """A target text as training labels: target SentencePiece pieces in the target vocabulary, no </s>."""
+        index = {piece: i for i, piece in enumerate(self.target_vocab)} if self.target_vocab else self._index
+        return [index.get(p, self.unk_id) for p in self._target.encode(text, out_type=str)]
+
     def decode(self, ids: Iterable[int]) -> str:
         vocab, skip = self.target_vocab or self.vocab, set(self.specials.values())
         pieces = [vocab[i] for i in ids if i not in skip and 0 <= i < len(vocab)]
