@@ -325,28 +325,39 @@ def test_concurrent_streams_batched_together_give_the_same_tokens(server, tiny_c
     model, tok, _ = load_model(tiny_checkpoint)
     alone = torch_generate(model, [tok.encode(t) for t in texts], max_new_tokens=20)
     engine = server.app.registry.get("tiny").engine
-    steps_before = engine.steps
 
-    clients = [AttnServeClient(server.address) for _ in texts]
-    for c in clients:
-        c.list_models()  # connected before the burst: only the stagger below separates the arrivals
-    start = threading.Barrier(len(texts))
-
-    def run(i):
-        start.wait()
-        time.sleep(0.0003 * (i % 4))  # staggered arrivals: sequences join a batch already under way
-        return [m.token.id for m in clients[i].generate(texts[i], model="tiny", max_new_tokens=20)
-                if m.HasField("token")]
-
-    try:
-        with ThreadPoolExecutor(len(texts)) as pool:
-            together = list(pool.map(run, range(len(texts))))
-    finally:
+    def burst() -> int:
+        """All texts at once; returns the decoder steps they took together."""
+        steps_before = engine.steps
+        clients = [AttnServeClient(server.address) for _ in texts]
         for c in clients:
-            c.close()
-    assert together == alone
-    # fewer decoder steps than the sum of every sequence's own steps: they were batched
-    assert engine.steps - steps_before < sum(len(a) + 1 for a in alone)
+            c.list_models()  # connected before the burst: only the stagger below separates the arrivals
+        start = threading.Barrier(len(texts))
+
+        def run(i):
+            start.wait()
+            time.sleep(0.0003 * (i % 4))  # staggered arrivals: sequences join a batch already under way
+            return [m.token.id for m in clients[i].generate(texts[i], model="tiny", max_new_tokens=20)
+                    if m.HasField("token")]
+
+        try:
+            with ThreadPoolExecutor(len(texts)) as pool:
+                together = list(pool.map(run, range(len(texts))))
+        finally:
+            for c in clients:
+                c.close()
+        assert together == alone
+        return engine.steps - steps_before
+
+    # fewer decoder steps than the sum of every sequence's own steps: they were batched. On a machine busy with
+    # other work the arrivals can spread out, so a burst that happened to run one by one is tried again (up to 3).
+    solo = sum(len(a) + 1 for a in alone)
+    steps = []
+    for _ in range(3):
+        steps.append(burst())
+        if steps[-1] < solo:
+            break
+    assert steps[-1] < solo, f"decoder steps per burst {steps}; {solo} unbatched"
 
 
 def test_generate_command_streams_and_plots_a_heatmap(server, tmp_path, capsys):
