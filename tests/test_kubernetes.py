@@ -62,6 +62,7 @@ def test_the_server_flags_parse_into_what_the_manifest_promises(monkeypatch):
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert cfg.address.endswith(f":{ports['grpc']}") and cfg.metrics_port == ports["metrics"]
     assert cfg.health_port == ports["health"] and cfg.metrics_address == "0.0.0.0"
+    assert cfg.http_port == ports["http"]
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert str(cfg.repo) == mounts["models"]["mountPath"] and mounts["models"]["readOnly"]
     secrets = mounts["secrets"]["mountPath"]
