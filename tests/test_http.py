@@ -179,3 +179,23 @@ def test_the_http_port_has_the_grpc_ports_tls_and_tokens(serving_repo, pki):  # 
             request(port, "GET", "/v2/health/ready")  # plaintext to a TLS port
     finally:
         s.stop()
+
+
+def test_mutual_tls_on_the_http_port_wants_a_client_certificate(serving_repo, pki):  # noqa: F811
+    security = SecurityConfig(tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=pki["ca"])
+    s = start(serving_repo, ["tiny"], http_port=0, security=security)
+    try:
+        port = s.app.http_port
+        anonymous = ssl.create_default_context(cafile=str(pki["ca"]))
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            request(port, "GET", "/v2/health/ready", context=anonymous, host="localhost")
+        client = ssl.create_default_context(cafile=str(pki["ca"]))
+        client.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))
+        assert request(port, "POST", "/v2/models/tiny/generate", {"text_input": "abc"}, context=client,
+                       host="localhost")[0] == 200
+        rogue = ssl.create_default_context(cafile=str(pki["ca"]))
+        rogue.load_cert_chain(str(pki["rogue_cert"]), str(pki["rogue_key"]))
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            request(port, "GET", "/v2/health/ready", context=rogue, host="localhost")
+    finally:
+        s.stop()
