@@ -13,21 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .cli import _start_server, _stop_server
+from .compare_servers import _free_port
+
 TEXTS = ["July 4, 1976", "le 14 juillet 1789", "12 de octubre de 1492", "1. Januar 2999", "03/03/21",
          "mardi 3 mars 2021", "3rd of March 2021", "Dec 25 1999"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _grpc(address: str, model: str, clients: int, seconds: float, max_tokens: int) -> tuple[int, list]:
@@ -96,28 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--log", type=Path, default=Path("out/http-vs-grpc-server.log"), help="the server's log")
     args = p.parse_args(argv)
-    grpc_port, http_port = _free_port(), _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "attnserve.cli", "serve", "--repo", str(args.repo), "--model",
-                               args.model, "--address", f"127.0.0.1:{grpc_port}", "--http-port", str(http_port),
-                               "--metrics-port", "-1", "--log-level", "WARNING"], stdout=subprocess.DEVNULL)
+    http_port = _free_port()
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    server, address = _start_server(args.repo, args.model, args.log, ["--http-port", str(http_port)])
     try:
-        import urllib.request
-
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
         rows = []
         for level in (int(x) for x in args.levels.split(",")):
             results: dict[str, list] = {"gRPC": [], "HTTP/SSE": []}
             for _ in range(args.rounds):
-                for name, run in (("gRPC", lambda c: _grpc(f"127.0.0.1:{grpc_port}", args.model, c, args.seconds,
+                for name, run in (("gRPC", lambda c: _grpc(address, args.model, c, args.seconds,
                                                             args.max_new_tokens)),
                                   ("HTTP/SSE", lambda c: _http(http_port, args.model, c, args.seconds,
                                                                args.max_new_tokens))):
@@ -134,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {level} | {g[0]:,.0f} | {h[0]:,.0f} | {h[0] / g[0]:.2f}x | {g[1]:.1f} | {h[1]:.1f} |")
         print(json.dumps({str(level): med for level, med in rows}), file=sys.stderr)
     finally:
-        server.terminate()
-        server.wait(30)
+        _stop_server(server)
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 
 from .decoding import pad_batch
 from .model import ModelConfig
-from .tasks import CorpusError, Pair, TaskData, _split_of
+from .tasks import CorpusError, Pair, _split_of
 
 Encoded = tuple[list[int], list[int]]  # source ids, target ids (without <bos> / <eos>)
 POOL_BATCHES = 50  # token batches are cut from pools of about this many batches' worth of lines
@@ -121,14 +121,15 @@ class Corpus:
 
 
 class Batches:
-    """An endless stream of training batches for one rank: from a task in memory or a corpus on disk."""
+    """An endless stream of training batches for one rank: from a task's pairs in memory or a corpus on disk."""
 
-    def __init__(self, tok, cfg: ModelConfig, *, task: TaskData | None = None, corpus: Corpus | None = None,
+    def __init__(self, tok, cfg: ModelConfig, *, examples: list[Encoded] | None = None, corpus: Corpus | None = None,
                  batch_size: int = 128, batch_tokens: int = 0, rank: int = 0, world: int = 1, seed: int = 0) -> None:
-        self.tok, self.cfg, self.task, self.corpus = tok, cfg, task, corpus
+        """`examples`: a task's encoded training pairs (this rank takes every world-th); else `corpus` streams."""
+        self.tok, self.cfg, self.corpus = tok, cfg, corpus
         self.batch_size, self.batch_tokens, self.rank, self.world = batch_size, batch_tokens, rank, world
         self.rng = random.Random(seed * 1000 + rank)
-        self._shard = encode_pairs(tok, task.train[rank::world]) if task is not None else None
+        self._shard = examples[rank::world] if examples is not None else None
         self._stream: Iterator[list[Encoded]] | None = None
         self.epoch = 0
 

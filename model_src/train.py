@@ -107,21 +107,24 @@ def train(task: TaskData | None, out: Path, model_cfg: dict, cfg: TrainConfig, t
     name = task.name if task is not None else Path(data_path).stem
     if init_from is not None:
         model, tok, _ = load_model(init_from)
-        config = model.config
     else:
         tok = build_tokenizer(task.texts() if task is not None else _corpus_texts(corpus), tokenizer_kind)
-        longest = max((max(len(tok.encode(s)), len(tok.encode(t)) + 1) for split in
-                       (task.train, task.validation, task.test) for s, t in split), default=0) if task else 0
-        config = ModelConfig(src_vocab_size=tok.vocab_size, tgt_vocab_size=tok.vocab_size,
-                             **{"max_len": max(256, longest), **model_cfg})
-        model = Seq2SeqTransformer(config)
-    model.to(device).train()
-    held = {}
+    train_examples = encode_pairs(tok, task.train) if task is not None else None  # encoded once, for every use
+    held_pairs = {}
     for split in ("validation", "test"):
         pairs = getattr(task, split) if task is not None else corpus.split(split, CORPUS_TEST_CAP)
         if task is None and not pairs:
             pairs = corpus.split("train", 50)  # a tiny corpus: score on training pairs rather than nothing
-        encoded = encode_pairs(tok, pairs)
+        held_pairs[split] = (pairs, encode_pairs(tok, pairs))
+    if init_from is None:
+        seen = (train_examples or []) + [e for _, encoded in held_pairs.values() for e in encoded]
+        longest = max((max(len(s), len(t) + 1) for s, t in seen), default=0) if task is not None else 0
+        model = Seq2SeqTransformer(ModelConfig(src_vocab_size=tok.vocab_size, tgt_vocab_size=tok.vocab_size,
+                                               **{"max_len": max(256, longest), **model_cfg}))
+    config = model.config
+    model.to(device).train()
+    held = {}
+    for split, (pairs, encoded) in held_pairs.items():
         keep = [i for i, ex in enumerate(encoded) if _fits(ex, config.max_len)]
         held[split] = _Held([pairs[i] for i in keep], [encoded[i] for i in keep], bleu=task is None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr_at(1, cfg, config.d_model), betas=(0.9, 0.98),
@@ -145,7 +148,7 @@ def train(task: TaskData | None, out: Path, model_cfg: dict, cfg: TrainConfig, t
         extra["data"] = str(Path(data_path).resolve())
     if init_from is not None:
         extra["init_from"] = str(Path(init_from).resolve())
-    batches = Batches(tok, config, task=task, corpus=corpus, batch_size=cfg.batch_size,
+    batches = Batches(tok, config, examples=train_examples, corpus=corpus, batch_size=cfg.batch_size,
                       batch_tokens=cfg.batch_tokens, rank=rank, world=world, seed=cfg.seed * 7919 + step)
     start, tokens_here, skipped = time.monotonic(), 0, 0
     bar = None

@@ -9,20 +9,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
@@ -37,25 +28,19 @@ def main() -> int:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
+    from bench.cli import _start_server, _stop_server
+    from bench.compare_servers import _free_port
+
     http = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "attnserve.cli", "serve", "--repo", str(args.repo), "--model",
-                               args.model, "--address", f"127.0.0.1:{_free_port()}", "--http-port", str(http),
-                               "--metrics-port", "-1"])
+    log = ROOT / "out" / "explorer-screenshot-server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    server, _ = _start_server(args.repo, args.model, log, ["--http-port", str(http)])  # returns once healthy
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1000"):
         options.add_argument(arg)
     browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     try:
-        deadline = time.monotonic() + 60
-        while True:  # until the server answers ready (the browser would show its own error page)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
         browser.get(f"http://127.0.0.1:{http}/")
         wait = WebDriverWait(browser, 60)
         wait.until(lambda b: Select(b.find_element(By.ID, "model")).options)
@@ -75,8 +60,7 @@ def main() -> int:
         print(f"wrote {args.out}")
     finally:
         browser.quit()
-        server.terminate()
-        server.wait(30)
+        _stop_server(server)
     return 0
 
 

@@ -86,13 +86,10 @@ def test_token_batches_bucket_by_length_and_keep_under_the_budget():
     rng = random.Random(0)
     pairs = [("x" * rng.randint(1, 60), "y" * rng.randint(1, 60)) for _ in range(2000)]
     tok = CharTokenizer("xy")
-    from model_src.tasks import TaskData
-
-    task = TaskData("t", pairs, pairs[:10], pairs[:10])
     from model_src.model import ModelConfig
 
     cfg = ModelConfig(src_vocab_size=6, tgt_vocab_size=6)
-    batches = Batches(tok, cfg, task=task, batch_tokens=512)
+    batches = Batches(tok, cfg, examples=encode_pairs(tok, pairs), batch_tokens=512)
     seen, waste = 0, 0
     for _ in range(40):
         batch = next(batches)

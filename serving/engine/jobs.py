@@ -251,9 +251,7 @@ class BeamJob(Job):
                 survivors.append(hyp)
                 rows.append(row)
         self.steps += 1
-        if len(self.finished) >= k or not survivors or last:
-            if not self.finished:
-                self.finished = [(h, self._normalised(h.score, len(h.tokens)), "length") for h in survivors]
+        if len(self.finished) >= k or not survivors or last:  # each way, a first-k candidate has finished
             self.rows = []
             return self._result(step.now)
         self.hypotheses, self.rows = survivors, rows

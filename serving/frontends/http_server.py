@@ -37,7 +37,7 @@ from ..errors import InvalidRequest, ServingError, Unavailable
 from ..metrics import Metrics
 from . import kserve_json as j
 from . import kserve_tensors as t
-from .kserve_v2 import PLATFORM, infer
+from .kserve_v2 import PLATFORM, infer, server_version
 from .security import Authorizer, SecurityConfig
 from .status import status_of
 
@@ -56,12 +56,6 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 
 def error_response(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers or None)
-
-
-def _version_text() -> str:
-    from .kserve_v2 import _version
-
-    return _version()
 
 
 class HttpFrontend:
@@ -148,7 +142,7 @@ class HttpFrontend:
         return web.json_response({"ready": ready}, status=200 if ready else 400)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response({"name": "attnserve", "version": _version_text(),
+        return web.json_response({"name": "attnserve", "version": server_version(),
                                   "extensions": ["model_repository", "parameters", "generate"]})
 
     async def repository_index(self, request: web.Request) -> web.Response:
@@ -194,19 +188,22 @@ class HttpFrontend:
         served, values = await infer(self.api, call, None)
         return web.json_response(j.response_to_json(served, request_id, values))
 
-    def _generate_args(self, body, request: web.Request, stream: bool):
-        return j.generate_from_json(body, request.match_info["model"], request.match_info.get("version", ""), stream)
+    async def _generate_call(self, request: web.Request, stream: bool) -> t.InferCall:
+        return j.generate_from_json(await self._body(request), request.match_info["model"],
+                                    request.match_info.get("version", ""), stream)
 
     async def generate(self, request: web.Request) -> web.Response:
-        ref, source, options, attention, beam = self._generate_args(await self._body(request), request, False)
-        prediction = await self.api.predict(PredictRequest(ref, source, options, attention, None, beam))
+        c = await self._generate_call(request, stream=False)
+        prediction = await self.api.predict(PredictRequest(c.model, c.sources[0], c.options, c.attention, None,
+                                                           c.beam_size))
         return web.json_response(j.prediction_json(prediction))
 
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
-        ref, source, options, attention, _ = self._generate_args(await self._body(request), request, True)
+        c = await self._generate_call(request, stream=True)
         served: Served | None = None
         response: web.StreamResponse | None = None
-        async with contextlib.aclosing(self.api.generate(GenerateRequest(ref, source, options, attention))) as events:
+        async with contextlib.aclosing(self.api.generate(GenerateRequest(c.model, c.sources[0], c.options,
+                                                                         c.attention))) as events:
             try:
                 async for ev in events:  # errors before the first event are plain JSON errors (the middleware's)
                     if isinstance(ev, Served):

@@ -15,8 +15,6 @@ import numpy as np
 
 from ..domain import (
     AttentionSlice,
-    AttentionSpec,
-    DecodeOptions,
     Encoding,
     FinishEvent,
     ModelRef,
@@ -104,8 +102,8 @@ def response_to_json(model: ModelRef, request_id: str, values: dict, parameters:
 
 
 # ---------------------------------------------------------------------------------------------- generate
-def generate_from_json(body: Any, model: str, version: str, stream: bool) -> tuple[ModelRef, Source, DecodeOptions,
-                                                                                    AttentionSpec | None, int]:
+def generate_from_json(body: Any, model: str, version: str, stream: bool) -> t.InferCall:
+    """A generate request as one row of an infer call (TEXT out, plus the attention outputs it asks for)."""
     body = _object(body, "generate request")
     unknown = set(body) - {"text_input", "TEXT", "parameters", "id"}
     if unknown:
@@ -128,9 +126,8 @@ def generate_from_json(body: Any, model: str, version: str, stream: bool) -> tup
     if stream and isinstance(beam, int) and beam > 1:
         raise InvalidRequest("beam search sends its best hypothesis at the end: use generate, not generate_stream")
     outputs = tuple(name for name, k in t.ATTENTION_OUTPUTS.items() if k in ATTENTION_CHOICES[kind])
-    call = t.infer_call(model, version, [Source(text=text)], {**params, "beam_size": beam},
-                        ("TEXT", *outputs), stop_lists=True)
-    return call.model, call.sources[0], call.options, call.attention, call.beam_size
+    return t.infer_call(model, version, [Source(text=text)], {**params, "beam_size": beam}, ("TEXT", *outputs),
+                        stop_lists=True)
 
 
 def attention_json(slices: list[AttentionSlice]) -> list[dict]:

@@ -31,7 +31,7 @@ _CONFIG_TYPES = {"BYTES": pb.TYPE_STRING, "INT64": pb.TYPE_INT64, "FP32": pb.TYP
 _STREAMED = {"TEXT", "TOKEN_IDS", "LOGPROBS", "CROSS_ATTENTION", "DECODER_SELF_ATTENTION"}
 
 
-def _version() -> str:
+def server_version() -> str:
     try:
         return metadata.version("attnserve")
     except metadata.PackageNotFoundError:
@@ -57,7 +57,7 @@ class KServeServicer:
         return pb.ModelReadyResponse(ready=served.healthy)
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="attnserve", version=_version(),
+        return pb.ServerMetadataResponse(name="attnserve", version=server_version(),
                                          extensions=["model_configuration", "parameters"])
 
     def _describe(self, name: str, version: str):
