@@ -23,6 +23,7 @@ def _browser() -> tuple[str, str]:
     browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if (browser is None or driver is None) and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600, check=False)
         subprocess.run(["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"], env=env,
                        capture_output=True, timeout=900, check=False)
         browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
