@@ -117,6 +117,11 @@ def build_marian(out: Path, shape: MarianShape = MarianShape()) -> Path:
         model.model.decoder.layers[-1].final_layer_norm.weight.normal_(GAIN, 1.0)
         model.final_logits_bias.normal_(0.0, 0.5)
         model.final_logits_bias[0, 0] += shape.eos_bias
+        # Real opus-mt checkpoints hold a zero <pad> row (trained with padding_idx); the decoder starts from <pad>,
+        # and engines that start from a zero vector instead (CTranslate2) agree with transformers only then.
+        model.get_input_embeddings().weight[pad].zero_()
+        if shape.separate_vocabs:
+            model.get_decoder().get_input_embeddings().weight[pad].zero_()
     model.generation_config.bad_words_ids = [[pad]]  # as opus-mt's generation_config.json has it
     model.save_pretrained(out)
     target_vocab = {"target_vocab_file": str(out / "target_vocab.json")} if shape.separate_vocabs else {}

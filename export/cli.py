@@ -18,9 +18,16 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="default")
     p.add_argument("--version", type=int, help="default: the next integer")
     p.add_argument("--opset", type=int, default=20)
-    p.add_argument("--quantize", choices=["int8"], help="ONNX Runtime dynamic int8 quantization")
-    p.add_argument("--max-int8-drop", type=float, default=0.02,
-                   help="refuse int8 if held-out exact match drops more than this vs fp32 (default 0.02)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="int8: dynamic quantization with fused int8 GEMMs (fastest on CPU); int4: weight-only "
+                        "4-bit blocks (smallest)")
+    p.add_argument("--max-quality-drop", "--max-int8-drop", type=float, default=0.005,
+                   help="task models: refuse a quantized version whose held-out exact match is more than this "
+                        "below fp32's (default 0.005)")
+    p.add_argument("--min-token-agreement", type=float, default=0.90,
+                   help="models without targets: refuse below this share of output tokens equal to fp32's")
+    p.add_argument("--min-chrf", type=float, default=90.0,
+                   help="models without targets: refuse below this chrF of the outputs against fp32's (0-100)")
     p.add_argument("--greedy-inputs", type=int, default=128, help="held-out inputs for the greedy check (>= 64)")
     p.add_argument("--if-changed", action="store_true",
                    help="do nothing if the latest version was exported from this same checkpoint")
@@ -36,10 +43,12 @@ def export_main(argv: list[str] | None = None) -> int:
     from model_src.checkpoint import CheckpointError
 
     from .pipeline import ExportConfig, export_checkpoint, up_to_date
+    from .quality import QualityGate
     from .validate import Tolerances, ValidationError
 
     cfg = ExportConfig(checkpoint=args.checkpoint, repo=args.repo, name=args.name, version=args.version,
-                       opset=args.opset, quantize=args.quantize, max_int8_drop=args.max_int8_drop,
+                       opset=args.opset, quantize=args.quantize,
+                       quality=QualityGate(args.max_quality_drop, args.min_token_agreement, args.min_chrf),
                        greedy_inputs=args.greedy_inputs, tolerances=Tolerances(attention=args.attention_tolerance))
     try:
         if args.if_changed and (current := up_to_date(args.repo, args.name, args.checkpoint, args.quantize)):
@@ -55,7 +64,14 @@ def export_main(argv: list[str] | None = None) -> int:
           f"greedy identical on {report['greedy']['identical']}/{report['greedy']['inputs']} held-out inputs")
     if "quantization" in report:
         q = report["quantization"]
-        print(f"int8: exact match {q['exact_match_int8']} vs fp32 {q['exact_match_fp32']}")
+        scheme = q["scheme"]
+        if "exact_match_fp32" in q:
+            print(f"{scheme}: exact match {q[f'exact_match_{scheme}']:.4f} vs fp32 {q['exact_match_fp32']:.4f}")
+        print(f"{scheme}: outputs identical to fp32 on {q['outputs_identical_to_fp32']:.1%} of inputs, token "
+              f"agreement {q['token_agreement']:.1%}, chrF {q['chrf_vs_fp32']:.1f}")
+    w = report["weights"]
+    print(f"weights: one file of {w['bytes'] / 2**20:.1f} MiB for {w['bytes_referenced'] / 2**20:.1f} MiB of "
+          "tensors in the graphs")
     return 0
 
 

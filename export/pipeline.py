@@ -30,17 +30,10 @@ from model_src.tasks import task_of_checkpoint
 
 from .blocks import expected_blocks, find_blocks, tag_blocks
 from .graphs import GRAPHS, export_graph
-from .validate import (
-    Tolerances,
-    ValidationError,
-    check_graphs,
-    enforce,
-    exact_match,
-    greedy_agreement,
-    ort_agreement,
-    parity,
-    session,
-)
+from .quality import QualityGate, compare
+from .quantize import quantize_graph
+from .validate import Tolerances, ValidationError, check_graphs, enforce, greedy_agreement, ort_greedy, parity, session
+from .weights import share_weights
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +45,8 @@ class ExportConfig:
     name: str = "default"
     version: int | None = None  # None: the next integer
     opset: int = 20
-    quantize: str | None = None  # None or "int8" (ONNX Runtime dynamic quantization)
-    max_int8_drop: float = 0.02  # largest exact-match drop of int8 vs fp32 that may still be published
+    quantize: str | None = None  # None, "int8" (dynamic, fused int8 GEMMs) or "int4" (weight-only blocks)
+    quality: QualityGate = field(default_factory=QualityGate)  # what a quantized version must keep of fp32
     parity_inputs: int = 64
     greedy_inputs: int = 128
     max_new_tokens: int = 48
@@ -147,13 +140,13 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
         report["greedy"] = greedy_agreement(model, sessions, [s for s, _ in held[:cfg.greedy_inputs]],
                                             cfg.max_new_tokens)
         enforce(report, cfg.tolerances)
-        precision = "fp32"
-        if cfg.quantize == "int8":
-            progress("[6/6] int8 dynamic quantization and its accuracy check")
-            report["quantization"] = _quantize(paths, sessions, mcfg, held, cfg)
-            precision = "int8"
+        precision = cfg.quantize or "fp32"
+        if cfg.quantize:
+            progress(f"[6/6] {cfg.quantize} quantization and its quality gate against fp32 on {len(held)} inputs")
+            report["quantization"] = _quantize(paths, sessions, mcfg, held, tok, cfg)
         else:
             progress("[6/6] no quantization requested")
+        report["weights"] = _share(paths, staging, mcfg, [s for s, _ in held[:16]], cfg.max_new_tokens, progress)
         shutil.copy(cfg.checkpoint / ckpt_config.get("tokenizer", TOKENIZER), staging / TOKENIZER)
         write_manifest(staging, {
             "name": cfg.name, "version": version, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -171,24 +164,23 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
     return final
 
 
-def _quantize(paths, sessions, mcfg, held, cfg: ExportConfig) -> dict:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    pairs = [(s, t) for s, t in held if t]
-    fp32 = exact_match(sessions, mcfg, pairs, cfg.max_new_tokens) if pairs else None
+def _quantize(paths, sessions, mcfg, held, tok, cfg: ExportConfig) -> dict:
     for path in paths.values():
-        tmp = path.with_suffix(".int8.onnx")
-        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+        tmp = path.with_suffix(f".{cfg.quantize}.onnx")
+        quantize_graph(path, tmp, cfg.quantize)
         tmp.replace(path)
     q_sessions = {name: session(path) for name, path in paths.items()}
-    int8 = exact_match(q_sessions, mcfg, pairs, cfg.max_new_tokens) if pairs else None
-    agree = ort_agreement(sessions, q_sessions, mcfg, [s for s, _ in held], cfg.max_new_tokens)
-    result = {"exact_match_fp32": fp32, "exact_match_int8": int8, "max_drop": cfg.max_int8_drop,
-              "outputs_identical_to_fp32": agree, "inputs": len(held)}
-    if fp32 is not None and fp32 - int8 > cfg.max_int8_drop:
-        raise ValidationError(f"int8 exact match {int8:.4f} is {fp32 - int8:.4f} below fp32 {fp32:.4f}, more than "
-                              f"--max-int8-drop {cfg.max_int8_drop}; not published")
-    if fp32 is None and agree < 1.0 - cfg.max_int8_drop:
-        raise ValidationError(f"int8 outputs match fp32 on only {agree:.2%} of inputs; not published")
-    return result
+    return compare(sessions, q_sessions, mcfg, held, tok.decode, cfg.max_new_tokens, cfg.quantize, cfg.quality)
 
+
+def _share(paths, staging: Path, mcfg: dict, sources: list[list[int]], max_new_tokens: int, progress) -> dict:
+    """Move every graph's tensors into one weights file, each once, and check the published files decode as the
+    validated ones did."""
+    before = ort_greedy({g: session(paths[g]) for g in ("encoder", "decoder")}, mcfg, sources, max_new_tokens)
+    sharing = share_weights(paths, staging)
+    after = ort_greedy({g: session(paths[g]) for g in ("encoder", "decoder")}, mcfg, sources, max_new_tokens)
+    if before != after:
+        raise ValidationError("the graphs decode differently once their weights are shared; not published")
+    progress(f"      one weights file: {sharing.bytes_written / 2**20:.1f} MiB for "
+             f"{sharing.bytes_referenced / 2**20:.1f} MiB of tensors in {len(paths)} graphs")
+    return sharing.to_dict()

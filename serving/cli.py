@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="gRPC server reflection (grpcurl list/describe); on by default")
     p.add_argument("--threads", type=int, default=_env("THREADS", RunnerConfig().intra_op_threads),
                    help="ONNX Runtime intra-op threads per session")
+    p.add_argument("--fast-graphs", action=argparse.BooleanOptionalAction, default=_env("FAST_GRAPHS", False),
+                   help="also load the graphs without attention outputs as sessions of their own (each holds its "
+                        "own prepacked weights); off by default: the attention graphs serve every request, "
+                        "measured at the same speed")
     p.add_argument("--poll-seconds", type=float, default=_env("POLL_SECONDS", d.poll_seconds),
                    help="repository scan interval for new versions; 0 disables")
     p.add_argument("--grace-seconds", type=float, default=_env("GRACE_SECONDS", d.grace_seconds))
@@ -80,7 +84,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     models = args.model or [m for m in os.environ.get("ATTNSERVE_MODEL", "").split(",") if m]
     limits = Limits(**{k: getattr(args, k) for k in LIMIT_FLAGS})
     runner = RunnerConfig(providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
-                          require_gpu=args.require_gpu, intra_op_threads=args.threads)
+                          require_gpu=args.require_gpu, intra_op_threads=args.threads,
+                          fast_graphs=args.fast_graphs)
     security = SecurityConfig(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                               auth_token_file=args.auth_token_file, admin_token_file=args.admin_token_file,
                               reflection=args.reflection)

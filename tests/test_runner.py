@@ -149,22 +149,24 @@ def test_a_decoder_step_for_three_rows_equals_each_row_alone(runner, sources, at
                                        atol=1e-5)
 
 
-def test_a_graph_with_an_input_the_server_cannot_feed_is_refused(tiny_repo, tmp_path):
+@pytest.mark.parametrize(("graph", "cfg"), [("decoder_attn", CPU),
+                                             ("decoder", RunnerConfig(providers=("cpu",), fast_graphs=True))])
+def test_a_graph_with_an_input_the_server_cannot_feed_is_refused(tiny_repo, tmp_path, graph, cfg):
     folder = tmp_path / "tiny" / "1"
     shutil.copytree(tiny_repo / "tiny" / "1", folder)
-    graph = onnx.load(folder / "decoder.onnx")
-    graph.graph.input.append(onnx.helper.make_tensor_value_info("mystery", onnx.TensorProto.FLOAT, [1]))
-    onnx.save(graph, folder / "decoder.onnx")
+    proto = onnx.load(folder / f"{graph}.onnx")
+    proto.graph.input.append(onnx.helper.make_tensor_value_info("mystery", onnx.TensorProto.FLOAT, [1]))
+    onnx.save(proto, folder / f"{graph}.onnx")
     with pytest.raises(ModelLoadError, match="checksum"):  # the repository's own rule comes first
-        ModelRunner(folder, CPU)
+        ModelRunner(folder, cfg)
 
     manifest = json.loads((folder / MANIFEST).read_text())
-    manifest["files"]["decoder.onnx"] = sha256_file(folder / "decoder.onnx")
-    manifest["graphs"]["decoder"]["inputs"].append({"name": "mystery", "dtype": "float32", "shape": [1]})
+    manifest["files"][f"{graph}.onnx"] = sha256_file(folder / f"{graph}.onnx")
+    manifest["graphs"][graph]["inputs"].append({"name": "mystery", "dtype": "float32", "shape": [1]})
     (folder / MANIFEST).write_text(json.dumps(manifest))
     open_version(folder)  # the repository now finds nothing wrong: only the runner's check can refuse it
-    with pytest.raises(ModelLoadError, match=r"decoder\.onnx: inputs \['mystery'\] are not ones this server can feed"):
-        ModelRunner(folder, CPU)
+    with pytest.raises(ModelLoadError, match=rf"{graph}\.onnx: inputs \['mystery'\] are not ones this server can feed"):
+        ModelRunner(folder, cfg)
 
 
 def test_calls_are_counted_per_graph(tiny_repo, sources):

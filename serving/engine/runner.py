@@ -35,6 +35,32 @@ class RunnerConfig:
     require_gpu: bool = False  # fail instead of falling back to CPU
     intra_op_threads: int = 1  # one thread was as fast as two for small batches here and leaves a core to gRPC
     verify_checksums: bool = True
+    # Load the fast graphs as sessions of their own. Off: the `_attn` graphs serve every request, asked for the
+    # fast graphs' outputs only. Measured here, the attention outputs cost 0.9-1.02x the fast graph's step (dates
+    # and opus-mt shapes, batch 1 and 16), while each extra session holds its own prepacked copy of every matrix
+    # (+200 MiB at opus-mt's size in fp32).
+    fast_graphs: bool = False
+
+
+class GraphSession:
+    """One graph of the contract as served by an ONNX Runtime session: a fast graph served by its `_attn` twin
+    asks that session for the fast graph's outputs only. Quacks like an InferenceSession for what callers use."""
+
+    def __init__(self, session: ort.InferenceSession, outputs: tuple[str, ...]) -> None:
+        self.session = session
+        self.output_names = outputs
+
+    def run(self, output_names, feeds: dict[str, np.ndarray], run_options=None) -> list[np.ndarray]:
+        return self.session.run(list(output_names or self.output_names), feeds, run_options)
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def get_outputs(self):
+        return [o for o in self.session.get_outputs() if o.name in self.output_names]
+
+    def get_providers(self) -> list[str]:
+        return self.session.get_providers()
 
 
 def check_runtime_install() -> None:
@@ -69,6 +95,16 @@ def resolve_providers(cfg: RunnerConfig) -> list[str]:
     return wanted
 
 
+def check_providers(graph: str, path: Path, got: list[str], asked: list[str], require_gpu: bool) -> None:
+    """What a session really runs on, against what was asked: ONNX Runtime falls back to CPU with only a warning
+    when a provider fails to initialise (missing CUDA libraries, no device)."""
+    if require_gpu and (not got or got[0] != PROVIDERS["cuda"]):
+        raise ModelLoadError(f"--require-gpu: the {graph} session ({path}) runs on {got}, not on "
+                             "CUDAExecutionProvider; check the CUDA and cuDNN libraries onnxruntime-gpu needs")
+    if got and asked and got[0] != asked[0]:
+        log.warning("the %s session (%s) asked for %s and got %s", graph, path, asked, got)
+
+
 def session_options(cfg: RunnerConfig) -> ort.SessionOptions:
     """The one place session options are made (the bench's plain loop uses them too)."""
     so = ort.SessionOptions()
@@ -92,27 +128,39 @@ class ModelRunner:
         self.name, self.version, self.shape = m.name, m.version, m.model
         self.tokenizer = ServingTokenizer.load(m.file(m.tokenizer))
         providers = resolve_providers(cfg)
-        so = session_options(cfg)
-        try:
-            self.sessions = {g: ort.InferenceSession(str(m.file(m.graphs[g].file)), so, providers=providers)
-                             for g in GRAPH_NAMES}
-        except Exception as e:  # onnxruntime raises its own exception types for bad graphs
-            raise ModelLoadError(f"{self.dir}: ONNX Runtime cannot load the graphs ({e})") from e
-        for graph, session in self.sessions.items():  # the graphs against the contract, at load, not per request
+        self.sessions = self._load_sessions(cfg, providers)
+        self.inputs = {g: tuple(i.name for i in s.get_inputs()) for g, s in self.sessions.items()}
+        self.outputs = {g: s.output_names for g, s in self.sessions.items()}
+        self.providers: tuple[str, ...] = tuple(self.sessions["decoder"].get_providers())
+        self.session_count = len({id(s.session) for s in self.sessions.values()})
+        self.calls: Counter[str] = Counter()  # runs per graph: shows which requests paid for attention
+        log.info("loaded %s v%d from %s on %s (%d sessions)", self.name, self.version, self.dir, self.providers,
+                 self.session_count)
+
+    def _load_sessions(self, cfg: RunnerConfig, providers: list[str]) -> dict[str, GraphSession]:
+        m, so = self.manifest, session_options(cfg)
+        loaded: dict[str, ort.InferenceSession] = {}
+        for graph in GRAPH_NAMES if cfg.fast_graphs else ("encoder_attn", "decoder_attn"):
             path = m.file(m.graphs[graph].file)
+            try:
+                loaded[graph] = ort.InferenceSession(str(path), so, providers=providers)
+            except Exception as e:  # onnxruntime raises its own exception types for bad graphs
+                raise ModelLoadError(f"{self.dir}: ONNX Runtime cannot load the {graph} graph ({e})") from e
+            check_providers(graph, path, loaded[graph].get_providers(), providers, cfg.require_gpu)
+        sessions = {}
+        for graph in GRAPH_NAMES:
+            session = loaded.get(graph) or loaded[f"{graph}_attn"]
+            path = m.file(m.graphs[graph if graph in loaded else f"{graph}_attn"].file)
             unknown = {i.name for i in session.get_inputs()} - set(GRAPH_INPUTS[graph])
-            if unknown:
+            if unknown:  # the graphs against the contract, at load, not per request
                 raise ModelLoadError(f"{path}: inputs {sorted(unknown)} are not ones this server can feed "
                                      f"({', '.join(GRAPH_INPUTS[graph])})")
             missing = set(GRAPH_OUTPUTS[graph]) - {o.name for o in session.get_outputs()}
             if missing:
                 raise ModelLoadError(f"{path}: outputs {sorted(missing)} are missing; the {graph} graph must give "
                                      f"{', '.join(GRAPH_OUTPUTS[graph])}")
-        self.inputs = {g: tuple(i.name for i in s.get_inputs()) for g, s in self.sessions.items()}
-        self.outputs = {g: tuple(o.name for o in s.get_outputs()) for g, s in self.sessions.items()}
-        self.providers: tuple[str, ...] = tuple(self.sessions["decoder"].get_providers())
-        self.calls: Counter[str] = Counter()  # runs per graph: shows which requests paid for attention
-        log.info("loaded %s v%d from %s on %s", self.name, self.version, self.dir, self.providers)
+            sessions[graph] = GraphSession(session, GRAPH_OUTPUTS[graph])
+        return sessions
 
     @property
     def bos_id(self) -> int:
@@ -125,7 +173,7 @@ class ModelRunner:
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.calls[graph] += 1
         outs = self.sessions[graph].run(None, feeds)
-        return dict(zip(self.outputs[graph], outs, strict=True))
+        return dict(zip(self.sessions[graph].output_names, outs, strict=True))
 
     def run_encoder(self, sources: list[list[int]], attention: bool) -> dict[str, np.ndarray]:
         """One encoder pass over right-padded sources: cross_k/v (L, B, nh, S, hs), and the extras with attention."""
