@@ -57,8 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help=help_text)
     sec.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=_env("REFLECTION", True),
                      help="gRPC server reflection (grpcurl list/describe); on by default")
-    p.add_argument("--threads", type=int, default=_env("THREADS", RunnerConfig().intra_op_threads),
-                   help="ONNX Runtime intra-op threads per session")
+    p.add_argument("--intra-op-threads", "--threads", dest="threads", type=int,
+                   default=_env("THREADS", RunnerConfig().intra_op_threads),
+                   help="ONNX Runtime intra-op threads per session (default 1: each engine worker runs its batch "
+                        "on its own thread)")
+    p.add_argument("--engine-workers", type=int, default=_env("ENGINE_WORKERS", d.engine_workers),
+                   help="decode batches each model steps at once, each on its own thread over the same sessions "
+                        "and weights (default %(default)s)")
     p.add_argument("--fast-graphs", action=argparse.BooleanOptionalAction, default=_env("FAST_GRAPHS", False),
                    help="also load the graphs without attention outputs as sessions of their own (each holds its "
                         "own prepacked weights); off by default: the attention graphs serve every request, "
@@ -96,7 +101,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         http_port=None if args.http_port < 0 else args.http_port,
                         poll_seconds=args.poll_seconds, grace_seconds=args.grace_seconds,
                         drain_seconds=args.drain_seconds, max_batch=args.max_batch,
-                        restart_seconds=args.restart_seconds, engine_processes=args.engine_processes)
+                        restart_seconds=args.restart_seconds, engine_processes=args.engine_processes,
+                        engine_workers=args.engine_workers)
 
 
 def serve_main(argv: list[str] | None = None) -> int:

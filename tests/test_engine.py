@@ -135,13 +135,27 @@ def test_rows_budget_admits_in_order_and_a_wide_job_alone(runner):
         return BeamJob([4], runner.shape, runner.tokenizer, params=DecodeParams(max_new_tokens=5), beam_size=width)
 
     engine.waiting.extend([job(3), job(1), job(1), job(8)])
-    first = engine._take()
+    worker = engine._workers[0]
+    first = engine._take(worker)
     assert [j.width for j in first] == [3, 1]  # 4 rows; the next one waits, order kept
-    engine.active = first
-    assert engine._take() == []
-    engine.active = []
-    assert [j.width for j in engine._take()] == [1]  # the 8-wide beam waits behind it
-    assert [j.width for j in engine._take()] == [8]  # then runs alone, wider than max_batch
+    worker.active = first
+    assert engine._take(worker) == []
+    worker.active = []
+    assert [j.width for j in engine._take(worker)] == [1]  # the 8-wide beam waits behind it
+    assert [j.width for j in engine._take(worker)] == [8]  # then runs alone, wider than max_batch
+
+
+def test_two_workers_each_take_their_share_of_the_waiting_rows(runner):
+    engine = Engine(runner, EngineConfig(max_batch=32, workers=2))
+    engine.waiting.extend(_seq(runner, "abc") for _ in range(10))
+    first, second = engine._workers
+    first.active = engine._take(first)
+    assert len(first.active) == 5  # half of the 10 rows
+    second.active = engine._take(second)
+    assert len(second.active) == 5 and not engine.waiting
+    engine.waiting.extend(_seq(runner, "abc") for _ in range(4))
+    first.active = first.active[:1]  # four of its jobs finished: it takes the new ones
+    assert len(engine._take(first)) == 4
 
 
 def test_expired_jobs_get_deadline_exceeded_and_a_closed_engine_refuses(runner):
@@ -232,3 +246,49 @@ def test_a_retired_engine_finishes_what_it_holds_and_takes_nothing_new(runner):
 
     events, engine = asyncio.run(main())
     assert isinstance(events[-1], FinishEvent) and engine.stopped and engine.dead is None
+
+
+def test_two_workers_split_the_jobs_and_each_job_gets_its_solo_tokens(runner):
+    texts = TEXTS * 2
+    solo = {t: _ids(_drive(runner, lambda e, t=t: [_seq(runner, t)])[0][0]) for t in TEXTS}
+    beam = lambda: BeamJob(runner.tokenizer.encode("hello"), runner.shape, runner.tokenizer,  # noqa: E731
+                           params=DecodeParams(max_new_tokens=20), beam_size=3)
+    (beam_alone,), _ = _drive(runner, lambda e: [beam()])
+    events, engine = _drive(runner, lambda e: [*(_seq(runner, t) for t in texts), beam()],
+                            EngineConfig(max_batch=32, workers=2))
+    assert [_ids(ev) for ev in events[:-1]] == [solo[t] for t in texts]
+    assert _ids(events[-1]) == _ids(beam_alone)
+    assert all(w.steps > 0 for w in engine._workers)  # both batches ran
+    assert engine.load == 0 and engine.stopped
+
+
+def test_a_dying_worker_fails_every_job_of_the_engine(runner, monkeypatch):
+    async def main():
+        engine = Engine(runner, EngineConfig(workers=2))
+        engine.start()
+        calls = {"n": 0}
+        real = engine._iteration
+
+        def dies_later(worker, new):
+            calls["n"] += 1
+            if calls["n"] > 3:  # no job of 4 or more characters can finish in 3 iterations
+                raise SystemError("worker broke")
+            real(worker, new)
+
+        monkeypatch.setattr(engine, "_iteration", dies_later)
+        jobs = [engine.submit(_seq(runner, t, max_new_tokens=200)) for t in TEXTS]
+        results = await asyncio.wait_for(asyncio.gather(*(_events(j) for j in jobs)), 30)
+        await engine.close()
+        return results, engine
+
+    results, engine = asyncio.run(main())
+    assert all(isinstance(r[-1], Unavailable | FinishEvent) for r in results)  # none hangs
+    assert all(isinstance(r[-1], Unavailable) for t, r in zip(TEXTS, results, strict=True) if len(t) >= 4)
+    assert isinstance(engine.dead, SystemError) and engine.stopped
+    with pytest.raises(Unavailable, match="restarting"):
+        engine.submit(_seq(runner, "a"))
+
+
+def test_an_engine_needs_a_worker(runner):
+    with pytest.raises(ValueError, match="at least one worker"):
+        Engine(runner, EngineConfig(workers=0))

@@ -51,7 +51,7 @@ class HostedEngine(Engine):
         self.ids: weakref.WeakKeyDictionary[Job, int] = weakref.WeakKeyDictionary()  # the server's id of each job
 
     def start(self) -> None:
-        self._start_thread()
+        self._start_threads()
 
     def send(self, message: tuple) -> None:
         with self._lock, contextlib.suppress(OSError, ValueError):  # the server is gone: nobody to tell
@@ -129,8 +129,8 @@ def main(conn: Connection, path: str, runner_cfg: RunnerConfig, engine_cfg: Engi
 
 
 def _end_with(engine: HostedEngine, conn: Connection) -> None:
-    """When the engine thread ends (retired and drained, or dead), the process ends too."""
-    engine._thread.join()
+    """When the engine's threads end (retired and drained, or dead), the process ends too."""
+    engine.join()
     with contextlib.suppress(OSError):
         conn.close()
     os._exit(0)

@@ -6,6 +6,7 @@ Knows nothing of gRPC. Every call blocks; only the model's engine thread calls `
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
@@ -134,6 +135,7 @@ class ModelRunner:
         self.providers: tuple[str, ...] = tuple(self.sessions["decoder"].get_providers())
         self.session_count = len({id(s.session) for s in self.sessions.values()})
         self.calls: Counter[str] = Counter()  # runs per graph: shows which requests paid for attention
+        self._calls_lock = threading.Lock()
         log.info("loaded %s v%d from %s on %s (%d sessions)", self.name, self.version, self.dir, self.providers,
                  self.session_count)
 
@@ -171,7 +173,8 @@ class ModelRunner:
         return self.shape.eos_id
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.calls[graph] += 1
+        with self._calls_lock:  # engine workers run graphs concurrently
+            self.calls[graph] += 1
         outs = self.sessions[graph].run(None, feeds)
         return dict(zip(self.sessions[graph].output_names, outs, strict=True))
 

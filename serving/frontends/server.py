@@ -60,6 +60,7 @@ class ServerConfig:
     worker_threads: int = 2  # model loading and long tokenizations run here, never on the event loop
     restart_seconds: float = 1.0  # delay before a dead engine is restarted (doubles per recent death, max 30 s)
     engine_processes: bool = True  # each model's engine in a process of its own; False: threads of this one
+    engine_workers: int = 1  # decode batches each model steps at once (threads over one set of sessions)
 
 
 class HealthServicer(health.aio.HealthServicer):
@@ -82,7 +83,8 @@ class App:
         self.health = HealthServicer()
         self.registry = ModelRegistry(RegistryConfig(cfg.repo, cfg.models, cfg.restart_seconds,
                                                      cfg.engine_processes), cfg.runner,
-                                      EngineConfig(cfg.max_batch, cfg.limits.max_queue_per_model), self.executor)
+                                      EngineConfig(cfg.max_batch, cfg.limits.max_queue_per_model, cfg.engine_workers),
+                                      self.executor)
         self.api = InferenceAPI(self.registry, cfg.limits, self.executor, self.metrics)
         self.registry.add_listener(self._models_changed)
         self.shutting_down = False
