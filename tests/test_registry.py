@@ -218,7 +218,7 @@ def test_a_dead_engine_fails_its_requests_and_is_restarted(repo, monkeypatch):
         served = registry.get("tiny")
         dead = served.engine
 
-        def broken_take():
+        def broken_take(worker):
             raise RuntimeError("injected fault in the engine thread")
 
         monkeypatch.setattr(dead, "_take", broken_take)

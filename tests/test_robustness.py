@@ -105,7 +105,7 @@ def test_a_dead_engine_fails_fast_reports_not_serving_and_comes_back(tiny_repo):
             stream = c.generate("hello", max_new_tokens=30)
             next(stream)
 
-            def fault():
+            def fault(worker):
                 raise RuntimeError("injected fault")
 
             engine._take = fault  # the engine thread calls it at its next iteration and dies
