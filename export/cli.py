@@ -24,7 +24,7 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-quality-drop", "--max-int8-drop", type=float, default=0.005,
                    help="task models: refuse a quantized version whose held-out exact match is more than this "
                         "below fp32's (default 0.005)")
-    p.add_argument("--min-token-agreement", type=float, default=0.90,
+    p.add_argument("--min-token-agreement", type=float, default=0.80,
                    help="models without targets: refuse below this share of output tokens equal to fp32's")
     p.add_argument("--min-chrf", type=float, default=90.0,
                    help="models without targets: refuse below this chrF of the outputs against fp32's (0-100)")

@@ -25,6 +25,11 @@ SCHEMES = ("int8", "int4")
 BLOCK = 32  # int4 block size along the reduction axis: one fp32 scale per 32 weights
 
 
+class _QuietRoot(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
 def untie_output_projection(model: onnx.ModelProto) -> int:
     """Replace `Transpose(constant)` feeding a MatMul by the transposed constant itself, so quantizers (which take a
     MatMul only when its weight is an initializer) reach the tied output projection. Returns how many were untied."""
@@ -59,10 +64,13 @@ def quantize_graph(source: Path, target: Path, scheme: str) -> None:
 
         untied_path = target.with_suffix(".untied.onnx")
         onnx.save(model, str(untied_path))
+        quiet = _QuietRoot()  # it logs "consider pre-processing" on the root logger for every graph
         try:  # MatMuls only: a quantized Gather table would be dequantized whole wherever else it is read
+            logging.getLogger().addFilter(quiet)
             quantize_dynamic(str(untied_path), str(target), weight_type=QuantType.QInt8,
                              op_types_to_quantize=["MatMul"])
         finally:
+            logging.getLogger().removeFilter(quiet)
             untied_path.unlink(missing_ok=True)
         return
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer

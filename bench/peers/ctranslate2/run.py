@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[3]
 MIB = 1024 * 1024
 # name -> (compute_type at load, quantization at conversion)
 PRECISIONS = {"fp32": ("float32", None), "int8": ("int8", "int8")}
-# CT2_USE_MKL per backend. Measured on this kind of machine (shared/notes/peers-opus-mt.md): fp32 is twice as fast
+# CT2_USE_MKL per backend. Measured on a 2-core AVX2 machine without VNNI: fp32 is twice as fast
 # on oneDNN as on MKL, int8 fastest on MKL.
 BACKENDS = {"mkl": "1", "onednn": "0"}
 DEFAULT_BACKENDS = "fp32=onednn,int8=mkl"
