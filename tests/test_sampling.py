@@ -6,7 +6,7 @@ import torch
 
 from model_src.decoding import SamplingConfig, filter_logits
 from serving.domain import DecodeParams
-from serving.engine.sampling import check_rows, choose, filtered_probs, log_softmax
+from serving.engine.sampling import check_rows, choose, filtered_probs, log_softmax, token_logprob
 from serving.errors import ModelFailure
 
 VOCABS = (2, 7, 33, 500)
@@ -171,3 +171,16 @@ def test_the_smallest_temperature_on_large_logits_stays_finite(top_k, top_p):
     assert np.isfinite(probs).all()
     assert probs.sum() == pytest.approx(1.0, abs=1e-12)
     assert np.argmax(probs) == np.argmax(logits)
+
+
+def test_the_chosen_tokens_logprob_equals_the_full_log_softmax_and_refuses_bad_rows():
+    logits = np.random.default_rng(3).standard_normal(58101).astype(np.float32) * 4
+    logits[7] = -np.inf  # a ruled-out token is fine
+    full = log_softmax(logits)
+    for token in (0, int(np.argmax(logits)), 58100):
+        assert token_logprob(logits, token) == pytest.approx(full[token], abs=1e-5)
+    for bad in (np.nan, np.inf):
+        broken = logits.copy()
+        broken[11] = bad
+        assert np.isnan(token_logprob(broken, 0))
+    assert np.isnan(token_logprob(np.full(5, -np.inf, np.float32), 0))
