@@ -93,7 +93,7 @@ def test_every_graph_references_one_weights_file_holding_each_tensor_once(tiny_r
     assert "weights.bin" in m["files"]
     weights = (version / "weights.bin").stat().st_size
     assert weights == m["validation"]["weights"]["bytes"]
-    assert m["validation"]["weights"]["bytes_referenced"] > 2 * weights  # four graphs (encoders hold no decoder), one copy
+    assert m["validation"]["weights"]["bytes_referenced"] > 2 * weights  # four graphs, one copy
     assert weights <= 1.1 * (tiny_checkpoint / "model.safetensors").stat().st_size
     for graph in GRAPH_NAMES:
         proto = onnx.load(str(version / f"{graph}.onnx"), load_external_data=False)

@@ -196,3 +196,15 @@ def test_incremental_detokenizing_equals_decoding_the_whole_output(kind):
         for n in range(1, len(ids) + 1):
             built = tok.extend(built, ids[:n])
             assert built == tok.decode(ids[:n])
+
+
+def test_a_session_that_did_not_get_cuda_is_refused_by_name_when_a_gpu_is_required(tmp_path):
+    from serving.engine.runner import check_providers
+
+    asked = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(ModelLoadError, match=r"--require-gpu: the decoder_attn session .*d\.onnx.* runs on "
+                                             r"\['CPUExecutionProvider'\]"):
+        check_providers("decoder_attn", tmp_path / "d.onnx", ["CPUExecutionProvider"], asked, require_gpu=True)
+    check_providers("decoder_attn", tmp_path / "d.onnx", asked, asked, require_gpu=True)  # got what it asked for
+    check_providers("decoder_attn", tmp_path / "d.onnx", ["CPUExecutionProvider"], ["CPUExecutionProvider"],
+                    require_gpu=False)
