@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     figures["hf_folder_mib"] = round(_size(folder) / MIB, 1)
     figures["checkpoint_mib"] = round(_size(out / "checkpoint") / MIB, 1)
     figures["graphs_mib"] = {f.stem: round(f.stat().st_size / MIB, 1) for f in sorted(version.glob("*.onnx"))}
+    figures["weights_mib"] = round((version / "weights.bin").stat().st_size / MIB, 1)  # every graph's tensors, once
+    figures["version_mib"] = round(_size(version) / MIB, 1)
     figures["tokenizer_mib"] = round((version / "tokenizer.json").stat().st_size / MIB, 1)
     texts = out / "texts.json"
     texts.write_text(json.dumps(sentences(SOURCE_WORDS, 64, seed=5)), encoding="utf-8")
