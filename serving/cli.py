@@ -24,6 +24,13 @@ def _env(name: str, default):
         value.lower() in ("1", "true", "yes")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     d, lim = ServerConfig(), Limits()
     p = argparse.ArgumentParser(prog="attnserve serve", description="Serve a model repository over gRPC.",
@@ -57,11 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help=help_text)
     sec.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=_env("REFLECTION", True),
                      help="gRPC server reflection (grpcurl list/describe); on by default")
-    p.add_argument("--intra-op-threads", "--threads", dest="threads", type=int,
+    p.add_argument("--intra-op-threads", "--threads", dest="threads", type=_positive,
                    default=_env("THREADS", RunnerConfig().intra_op_threads),
                    help="ONNX Runtime intra-op threads per session (default 1: each engine worker runs its batch "
                         "on its own thread)")
-    p.add_argument("--engine-workers", type=int, default=_env("ENGINE_WORKERS", d.engine_workers),
+    p.add_argument("--engine-workers", type=_positive, default=_env("ENGINE_WORKERS", d.engine_workers),
                    help="decode batches each model steps at once, each on its own thread over the same sessions "
                         "and weights (default %(default)s)")
     p.add_argument("--fast-graphs", action=argparse.BooleanOptionalAction, default=_env("FAST_GRAPHS", False),

@@ -292,3 +292,16 @@ def test_a_dying_worker_fails_every_job_of_the_engine(runner, monkeypatch):
 def test_an_engine_needs_a_worker(runner):
     with pytest.raises(ValueError, match="at least one worker"):
         Engine(runner, EngineConfig(workers=0))
+
+
+def test_the_serve_flags_for_workers_threads_and_graphs_reach_the_config(capsys):
+    from serving.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--engine-workers", "2", "--intra-op-threads", "1",
+                                                      "--fast-graphs"]))
+    assert cfg.engine_workers == 2 and cfg.runner.intra_op_threads == 1 and cfg.runner.fast_graphs
+    default = config_from_args(build_parser().parse_args([]))
+    assert default.engine_workers == 1 and not default.runner.fast_graphs
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--engine-workers", "0"])
+    assert "must be 1 or more, got 0" in capsys.readouterr().err
