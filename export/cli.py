@@ -28,6 +28,9 @@ def export_main(argv: list[str] | None = None) -> int:
                    help="models without targets: refuse below this share of output tokens equal to fp32's")
     p.add_argument("--min-chrf", type=float, default=90.0,
                    help="models without targets: refuse below this chrF of the outputs against fp32's (0-100)")
+    p.add_argument("--validate-on", choices=["cpu", "cuda"], default="cpu",
+                   help="execution provider the parity, greedy and quantization checks run on (default cpu; cuda "
+                        "needs onnxruntime-gpu and a GPU, and runs without TF32)")
     p.add_argument("--greedy-inputs", type=int, default=128, help="held-out inputs for the greedy check (>= 64)")
     p.add_argument("--if-changed", action="store_true",
                    help="do nothing if the latest version was exported from this same checkpoint")
@@ -48,6 +51,7 @@ def export_main(argv: list[str] | None = None) -> int:
 
     cfg = ExportConfig(checkpoint=args.checkpoint, repo=args.repo, name=args.name, version=args.version,
                        opset=args.opset, quantize=args.quantize,
+                       validate_on=args.validate_on,
                        quality=QualityGate(args.max_quality_drop, args.min_token_agreement, args.min_chrf),
                        greedy_inputs=args.greedy_inputs, tolerances=Tolerances(attention=args.attention_tolerance))
     try:

@@ -47,6 +47,7 @@ class ExportConfig:
     opset: int = 20
     quantize: str | None = None  # None, "int8" (dynamic, fused int8 GEMMs) or "int4" (weight-only blocks)
     quality: QualityGate = field(default_factory=QualityGate)  # what a quantized version must keep of fp32
+    validate_on: str = "cpu"  # execution provider of the checks: cpu or cuda
     parity_inputs: int = 64
     greedy_inputs: int = 128
     max_new_tokens: int = 48
@@ -129,7 +130,7 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
             blocks += [b.to_dict() for b in found]
         progress("[3/6] onnx.checker full check")
         check_graphs(paths)
-        sessions = {name: session(path) for name, path in paths.items()}
+        sessions = {name: session(path, provider=cfg.validate_on) for name, path in paths.items()}
         held = _held_out(ckpt_config, tok, model.config.src_vocab_size,
                          max(cfg.parity_inputs, cfg.greedy_inputs), cfg.seed)
         progress(f"[4/6] parity with PyTorch on {cfg.parity_inputs} held-out inputs (batches of 16, padded)")
@@ -146,7 +147,8 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
             report["quantization"] = _quantize(paths, sessions, mcfg, held, tok, cfg)
         else:
             progress("[6/6] no quantization requested")
-        report["weights"] = _share(paths, staging, mcfg, [s for s, _ in held[:16]], cfg.max_new_tokens, progress)
+        report["weights"] = _share(paths, staging, mcfg, [s for s, _ in held[:16]], cfg, progress)
+        report["validated_on"] = cfg.validate_on
         shutil.copy(cfg.checkpoint / ckpt_config.get("tokenizer", TOKENIZER), staging / TOKENIZER)
         write_manifest(staging, {
             "name": cfg.name, "version": version, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -169,16 +171,20 @@ def _quantize(paths, sessions, mcfg, held, tok, cfg: ExportConfig) -> dict:
         tmp = path.with_suffix(f".{cfg.quantize}.onnx")
         quantize_graph(path, tmp, cfg.quantize)
         tmp.replace(path)
-    q_sessions = {name: session(path) for name, path in paths.items()}
+    q_sessions = {name: session(path, provider=cfg.validate_on) for name, path in paths.items()}
     return compare(sessions, q_sessions, mcfg, held, tok.decode, cfg.max_new_tokens, cfg.quantize, cfg.quality)
 
 
-def _share(paths, staging: Path, mcfg: dict, sources: list[list[int]], max_new_tokens: int, progress) -> dict:
+def _share(paths, staging: Path, mcfg: dict, sources: list[list[int]], cfg: ExportConfig, progress) -> dict:
     """Move every graph's tensors into one weights file, each once, and check the published files decode as the
     validated ones did."""
-    before = ort_greedy({g: session(paths[g]) for g in ("encoder", "decoder")}, mcfg, sources, max_new_tokens)
+    def decode() -> list[list[int]]:
+        sessions = {g: session(paths[g], provider=cfg.validate_on) for g in ("encoder", "decoder")}
+        return ort_greedy(sessions, mcfg, sources, cfg.max_new_tokens)
+
+    before = decode()
     sharing = share_weights(paths, staging)
-    after = ort_greedy({g: session(paths[g]) for g in ("encoder", "decoder")}, mcfg, sources, max_new_tokens)
+    after = decode()
     if before != after:
         raise ValidationError("the graphs decode differently once their weights are shared; not published")
     progress(f"      one weights file: {sharing.bytes_written / 2**20:.1f} MiB for "

@@ -35,13 +35,24 @@ class ValidationError(RuntimeError):
     """The exported graphs do not match the PyTorch model; the message says which check and by how much."""
 
 
-def session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    """The session options serving uses too: full graph optimisation, one intra-op thread."""
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def session(path: Path, threads: int = 1, provider: str = "cpu") -> ort.InferenceSession:
+    """The session options serving uses too: full graph optimisation, one intra-op thread; on `provider` (cpu or
+    cuda), refused if ONNX Runtime falls back to another. CUDA runs without TF32, so fp32 parity means fp32."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = PROVIDERS[provider]
+    providers = [(name, {"use_tf32": "0"}), "CPUExecutionProvider"] if provider == "cuda" else [name]
+    made = ort.InferenceSession(str(path), so, providers=providers)
+    if made.get_providers()[0] != name:
+        raise ValidationError(f"validation asked for {name} for {path.name} and ONNX Runtime gave "
+                              f"{made.get_providers()}; install onnxruntime-gpu on a machine with CUDA, or validate "
+                              "with --validate-on cpu")
+    return made
 
 
 def check_graphs(paths: dict[str, Path]) -> None:

@@ -124,3 +124,21 @@ def test_versions_increment_and_are_immutable(tiny_repo, tmp_path):
     blocker.write_text("x")
     with pytest.raises(RepositoryError, match="cannot write"):
         prepare(blocker / "repo", "tiny", None)
+
+
+def test_validation_on_a_provider_onnx_runtime_cannot_give_is_refused(tiny_repo):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has CUDA: the refusal needs a CPU-only ONNX Runtime")
+    with pytest.raises(ValidationError, match="asked for CUDAExecutionProvider .* gave \\['CPUExecutionProvider'\\]"):
+        session(tiny_repo / "tiny" / "1" / "decoder.onnx", provider="cuda")
+
+
+@pytest.mark.gpu
+def test_an_export_validated_on_cuda_publishes(tiny_checkpoint, tmp_path):
+    cfg = ExportConfig(checkpoint=tiny_checkpoint, repo=tmp_path, name="cuda", max_new_tokens=12, greedy_inputs=64,
+                       validate_on="cuda")
+    final = export_checkpoint(cfg, progress=lambda _: None)
+    report = json.loads((final / "manifest.json").read_text())["validation"]
+    assert report["validated_on"] == "cuda" and report["greedy"]["identical"] == report["greedy"]["inputs"]
