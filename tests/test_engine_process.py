@@ -126,3 +126,31 @@ def test_a_swap_ends_the_old_engine_process_and_stop_leaves_none(tiny_repo, tmp_
     finally:
         s.stop()
     assert not _alive(new)
+
+
+def test_engine_processes_with_two_workers_answer_concurrent_streams_as_one_worker_does(serving_repo):
+    from concurrent.futures import ThreadPoolExecutor
+
+    one, two = start(serving_repo), start(serving_repo, engine_processes=True, engine_workers=2)
+    try:
+        with AttnServeClient(one.address) as a, AttnServeClient(two.address) as b:
+            expected = {t: a.predict(t, model="noisy", attention="cross", max_new_tokens=20) for t in TEXTS}
+            beams = {t: a.predict(t, model="noisy", beam_size=3, max_new_tokens=20) for t in TEXTS}
+
+            def stream(text):
+                return [m for m in b.generate(text, model="noisy", attention="cross", max_new_tokens=20)]
+
+            with ThreadPoolExecutor(12) as pool:  # 12 streams at once: both workers hold some
+                streamed = list(pool.map(stream, TEXTS * 2))
+                beamed = list(pool.map(lambda t: b.predict(t, model="noisy", beam_size=3, max_new_tokens=20), TEXTS))
+            for text, messages in zip(TEXTS * 2, streamed, strict=True):
+                ref = expected[text]
+                assert [m.token.id for m in messages if m.HasField("token")] == [t.id for t in ref.tokens]
+                assert messages[-1].finish.text == ref.text
+            for text, got in zip(TEXTS, beamed, strict=True):
+                assert [t.id for t in got.tokens] == [t.id for t in beams[text].tokens]
+        stats = two.app.registry.get("noisy").engine
+        assert stats.steps > 0
+    finally:
+        one.stop()
+        two.stop()
