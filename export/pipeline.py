@@ -144,10 +144,10 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
         precision = cfg.quantize or "fp32"
         if cfg.quantize:
             progress(f"[6/6] {cfg.quantize} quantization and its quality gate against fp32 on {len(held)} inputs")
-            report["quantization"] = _quantize(paths, sessions, mcfg, held, tok, cfg)
+            report["quantization"], sessions = _quantize(paths, sessions, mcfg, held, tok, cfg)
         else:
             progress("[6/6] no quantization requested")
-        report["weights"] = _share(paths, staging, mcfg, [s for s, _ in held[:16]], cfg, progress)
+        report["weights"] = _share(paths, staging, sessions, mcfg, [s for s, _ in held[:16]], cfg, progress)
         report["validated_on"] = cfg.validate_on
         shutil.copy(cfg.checkpoint / ckpt_config.get("tokenizer", TOKENIZER), staging / TOKENIZER)
         write_manifest(staging, {
@@ -166,25 +166,25 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
     return final
 
 
-def _quantize(paths, sessions, mcfg, held, tok, cfg: ExportConfig) -> dict:
+def _quantize(paths, sessions, mcfg, held, tok, cfg: ExportConfig) -> tuple[dict, dict]:
+    """Quantize every graph in place; the gate's report and the quantized sessions (what will be published)."""
     for path in paths.values():
         tmp = path.with_suffix(f".{cfg.quantize}.onnx")
         quantize_graph(path, tmp, cfg.quantize)
         tmp.replace(path)
     q_sessions = {name: session(path, provider=cfg.validate_on) for name, path in paths.items()}
-    return compare(sessions, q_sessions, mcfg, held, tok.decode, cfg.max_new_tokens, cfg.quantize, cfg.quality)
+    return compare(sessions, q_sessions, mcfg, held, tok.decode, cfg.max_new_tokens, cfg.quantize, cfg.quality), \
+        q_sessions
 
 
-def _share(paths, staging: Path, mcfg: dict, sources: list[list[int]], cfg: ExportConfig, progress) -> dict:
+def _share(paths, staging: Path, validated: dict, mcfg: dict, sources: list[list[int]], cfg: ExportConfig,
+           progress) -> dict:
     """Move every graph's tensors into one weights file, each once, and check the published files decode as the
-    validated ones did."""
-    def decode() -> list[list[int]]:
-        sessions = {g: session(paths[g], provider=cfg.validate_on) for g in ("encoder", "decoder")}
-        return ort_greedy(sessions, mcfg, sources, cfg.max_new_tokens)
-
-    before = decode()
+    `validated` sessions (loaded before the move) do."""
+    before = ort_greedy(validated, mcfg, sources, cfg.max_new_tokens)
     sharing = share_weights(paths, staging)
-    after = decode()
+    published = {g: session(paths[g], provider=cfg.validate_on) for g in ("encoder", "decoder")}
+    after = ort_greedy(published, mcfg, sources, cfg.max_new_tokens)
     if before != after:
         raise ValidationError("the graphs decode differently once their weights are shared; not published")
     progress(f"      one weights file: {sharing.bytes_written / 2**20:.1f} MiB for "

@@ -9,14 +9,17 @@ from serving.frontends.server import ServerConfig
 from .server_harness import ServerThread
 
 
+def _server(repo, providers: tuple[str, ...]) -> ServerThread:
+    return ServerThread(ServerConfig(repo=repo, address="127.0.0.1:0", metrics_port=None, poll_seconds=0,
+                                     drain_seconds=0, models=("tiny",),
+                                     runner=RunnerConfig(providers=providers, require_gpu=providers == ("cuda",))))
+
+
 @pytest.mark.gpu
 def test_cuda_provider_serves_the_same_tokens_as_cpu(serving_repo):
     outputs = {}
     for providers in (("cuda",), ("cpu",)):
-        cfg = ServerConfig(repo=serving_repo, address="127.0.0.1:0", metrics_port=None, poll_seconds=0,
-                           drain_seconds=0, models=("tiny",),
-                           runner=RunnerConfig(providers=providers, require_gpu=providers == ("cuda",)))
-        s = ServerThread(cfg)
+        s = _server(serving_repo, providers)
         try:
             with AttnServeClient(s.address) as c:
                 info = c.model_info("tiny")
@@ -71,10 +74,7 @@ def test_a_streamed_generate_on_cuda_equals_cpu_token_for_token_with_its_attenti
 
     streams = {}
     for providers in (("cuda",), ("cpu",)):
-        cfg = ServerConfig(repo=serving_repo, address="127.0.0.1:0", metrics_port=None, poll_seconds=0,
-                           drain_seconds=0, models=("tiny",),
-                           runner=RunnerConfig(providers=providers, require_gpu=providers == ("cuda",)))
-        s = ServerThread(cfg)
+        s = _server(serving_repo, providers)
         try:
             with AttnServeClient(s.address) as c:
                 streams[providers] = list(c.generate("hello", max_new_tokens=12, attention="cross"))

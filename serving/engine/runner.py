@@ -57,9 +57,6 @@ class GraphSession:
     def get_inputs(self):
         return self.session.get_inputs()
 
-    def get_outputs(self):
-        return [o for o in self.session.get_outputs() if o.name in self.output_names]
-
     def get_providers(self) -> list[str]:
         return self.session.get_providers()
 
