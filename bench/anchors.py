@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from model_repository import read_manifest
+from model_repository.graph_io import base_name
 
 # ---------------------------------------------------------------- sessions and feeds
 
@@ -39,23 +40,24 @@ def load_sessions(version_dir: Path, graphs: tuple[str, ...] = ("encoder", "deco
 def decoder_feeds(session, cfg: dict, batch: int, past: int, src_len: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random but well-formed feeds for one decoder step, built from the inputs the graph declares."""
     rng = np.random.default_rng(seed)
-    L, nh, hs = cfg["n_decoder_layers"], cfg["n_heads"], cfg["d_model"] // cfg["n_heads"]
+    nh, hs = cfg["n_heads"], cfg["d_model"] // cfg["n_heads"]
     B, P, S = batch, past, src_len
     known = {
         "input_ids": lambda: rng.integers(4, cfg["tgt_vocab_size"], size=(B,), dtype=np.int64),
         "positions": lambda: np.full((B,), P, dtype=np.int64),
         "self_mask": lambda: np.ones((B, P + 1), dtype=bool),
-        "past_k": lambda: rng.standard_normal((L, B, nh, P, hs), dtype=np.float32),  # (L, B, nh, P, hs)
-        "past_v": lambda: rng.standard_normal((L, B, nh, P, hs), dtype=np.float32),
-        "cross_k": lambda: rng.standard_normal((L, B, nh, S, hs), dtype=np.float32),  # (L, B, nh, S, hs)
-        "cross_v": lambda: rng.standard_normal((L, B, nh, S, hs), dtype=np.float32),
+        "past_k": lambda: rng.standard_normal((B, nh, P, hs), dtype=np.float32),  # one layer's (B, nh, P, hs)
+        "past_v": lambda: rng.standard_normal((B, nh, P, hs), dtype=np.float32),
+        "cross_k": lambda: rng.standard_normal((B, nh, S, hs), dtype=np.float32),  # one layer's (B, nh, S, hs)
+        "cross_v": lambda: rng.standard_normal((B, nh, S, hs), dtype=np.float32),
         "src_mask": lambda: np.ones((B, S), dtype=bool),
     }
     declared = [i.name for i in session.get_inputs()]
-    unknown = set(declared) - set(known)
+    bases = {name: base_name(name)[0] for name in declared}  # past_k.3 -> past_k
+    unknown = set(bases.values()) - set(known)
     if unknown:
         raise ValueError(f"the decoder declares inputs this bench cannot feed: {sorted(unknown)}")
-    return {name: known[name]() for name in declared}
+    return {name: known[bases[name]]() for name in declared}
 
 
 def interleaved_medians(variants: dict[str, Callable[[], object]], budget_s: float = 0.5, min_rounds: int = 5,

@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 
 from model_repository import (
+    GRAPH_NAMES,
     VersionError,
     discard,
     list_versions,
@@ -29,7 +30,7 @@ from model_src.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_model
 from model_src.tasks import task_of_checkpoint
 
 from .blocks import expected_blocks, find_blocks, tag_blocks
-from .graphs import GRAPHS, export_graph
+from .graphs import export_graph
 from .quality import QualityGate, compare
 from .quantize import quantize_graph
 from .validate import Tolerances, ValidationError, check_graphs, enforce, greedy_agreement, ort_greedy, parity, session
@@ -113,7 +114,7 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
     mcfg = model.config.to_dict()
     version, staging = prepare(cfg.repo, cfg.name, cfg.version)
     try:
-        paths = {name: staging / f"{name}.onnx" for name in GRAPHS}
+        paths = {name: staging / f"{name}.onnx" for name in GRAPH_NAMES}
         graphs_meta, blocks = {}, []
         for i, (name, path) in enumerate(paths.items(), start=1):
             progress(f"[2/6] exporting graph {i}/4: {name}")

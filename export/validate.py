@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from model_repository import flat_feeds, grouped
 from model_src.decoding import generate, pad_batch, suppress
 from model_src.model import Seq2SeqTransformer
 
@@ -63,7 +64,17 @@ def check_graphs(paths: dict[str, Path]) -> None:
             raise ValidationError(f"onnx.checker rejected {name}: {e}") from e
 
 
-def _maxdiff(a: np.ndarray, b: torch.Tensor) -> float:
+def run(session: ort.InferenceSession, feeds: dict, outputs: list[str] | None = None) -> dict:
+    """One run of a graph by the contract's names: per-layer caches go in as stacked arrays or sequences of
+    layers (`model_repository.flat_feeds`) and come out as tuples of layers (`grouped`)."""
+    names = outputs or [o.name for o in session.get_outputs()]
+    flat = flat_feeds([i.name for i in session.get_inputs()], feeds)
+    return grouped(names, session.run(names, flat))
+
+
+def _maxdiff(a: np.ndarray | tuple, b: torch.Tensor | list) -> float:
+    if isinstance(a, tuple):  # per-layer outputs against the reference's per-layer tensors
+        return max((_maxdiff(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
     b = b.detach().numpy()
     if a.shape != b.shape:
         raise ValidationError(f"shape mismatch: ONNX {a.shape} vs PyTorch {b.shape}")
@@ -107,18 +118,19 @@ def parity(model: Seq2SeqTransformer, sessions: dict[str, ort.InferenceSession],
         for step in range(max_steps):
             position = torch.full((B,), step)
             self_mask = torch.ones(B, step + 1, dtype=torch.bool)
-            o = model.decode_step(token, position, self_mask, past_k, past_v, ref.cross_k, ref.cross_v, src_mask)
+            o = model.decode_step(token, position, self_mask, past_k, past_v, ref.cross_k, ref.cross_v, src_mask,
+                                  stacked=False)
             dfeeds = {"input_ids": token.numpy(), "positions": position.numpy(), "self_mask": self_mask.numpy(),
                       "past_k": np_pk, "past_v": np_pv, "cross_k": ck, "cross_v": cv,
                       "src_mask": src_mask.numpy()}
-            logits, pk, pv, self_attn, cross_attn = sessions["decoder_attn"].run(None, dfeeds)
-            fast_logits = sessions["decoder"].run(["logits"], dfeeds)[0]
-            note("logits", _maxdiff(logits, o.logits))
-            note("fast_vs_attn_graph", float(np.abs(fast_logits - logits).max()))
-            note("present_kv", max(_maxdiff(pk, o.present_k), _maxdiff(pv, o.present_v)))
-            note("attention", max(_maxdiff(self_attn, o.self_attn), _maxdiff(cross_attn, o.cross_attn)))
-            note("row_sum", max(_row_sum_error(self_attn), _row_sum_error(cross_attn)))
-            past_k, past_v, np_pk, np_pv = o.present_k, o.present_v, pk, pv
+            d = run(sessions["decoder_attn"], dfeeds)
+            fast_logits = run(sessions["decoder"], dfeeds, ["logits"])["logits"]
+            note("logits", _maxdiff(d["logits"], o.logits))
+            note("fast_vs_attn_graph", float(np.abs(fast_logits - d["logits"]).max()))
+            note("present_kv", max(_maxdiff(d["present_k"], o.present_k), _maxdiff(d["present_v"], o.present_v)))
+            note("attention", max(_maxdiff(d["dec_self_attn"], o.self_attn), _maxdiff(d["cross_attn"], o.cross_attn)))
+            note("row_sum", max(_row_sum_error(d["dec_self_attn"]), _row_sum_error(d["cross_attn"])))
+            past_k, past_v, np_pk, np_pv = o.present_k, o.present_v, d["present_k"], d["present_v"]
             longest_past = max(longest_past, step)
             token = suppress(o.logits, cfg.suppress_ids).argmax(-1)
             if (token == cfg.eos_id).all():
@@ -142,10 +154,11 @@ def ort_greedy(sessions: dict[str, ort.InferenceSession], cfg: dict, sources: li
     out: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, dtype=bool)
     for step in range(max_new_tokens):
-        logits, pk, pv = sessions["decoder"].run(None, {
+        d = run(sessions["decoder"], {
             "input_ids": token, "positions": np.full((B,), step, dtype=np.int64),
             "self_mask": np.ones((B, step + 1), dtype=bool), "past_k": pk, "past_v": pv, "cross_k": ck,
-            "cross_v": cv, "src_mask": src_mask})
+            "cross_v": cv, "src_mask": src_mask}, ["logits", *(f"present_{kv}.{i}" for kv in "kv" for i in range(L))])
+        logits, pk, pv = d["logits"], d["present_k"], d["present_v"]
         if cfg.get("suppress_ids"):
             logits[:, cfg["suppress_ids"]] = -np.inf  # never generated, as model_src.decoding does
         token = logits.argmax(-1).astype(np.int64)

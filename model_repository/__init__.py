@@ -1,5 +1,15 @@
 """The model repository on disk (`REPO/NAME/VERSION/`), shared by export and serving; standard library only."""
 
+from .graph_io import (
+    DECODER_INPUTS,
+    ENCODER_INPUTS,
+    GRAPH_NAMES,
+    PER_LAYER,
+    flat_feeds,
+    graph_inputs,
+    graph_outputs,
+    grouped,
+)
 from .layout import (
     FORMAT_VERSION,
     MANIFEST,
@@ -13,11 +23,6 @@ from .layout import (
 )
 from .manifest import (
     BLOCK_KINDS,
-    DECODER_INPUTS,
-    ENCODER_INPUTS,
-    GRAPH_INPUTS,
-    GRAPH_NAMES,
-    GRAPH_OUTPUTS,
     AttentionBlock,
     GraphSpec,
     Manifest,
@@ -29,9 +34,33 @@ from .manifest import (
 from .publish import discard, prepare, publish, write_manifest
 
 __all__ = [
-    "BLOCK_KINDS", "DECODER_INPUTS", "ENCODER_INPUTS", "FORMAT_VERSION", "GRAPH_INPUTS", "GRAPH_NAMES",
-    "GRAPH_OUTPUTS", "MANIFEST", "AttentionBlock", "GraphSpec", "Manifest",
-    "ModelShape", "RepositoryError", "TensorSpec", "VersionError", "discard", "list_models", "list_versions",
-    "open_version", "parse_version", "prepare", "publish", "read_manifest", "sha256_file", "version_dir",
+    "BLOCK_KINDS",
+    "DECODER_INPUTS",
+    "ENCODER_INPUTS",
+    "FORMAT_VERSION",
+    "GRAPH_NAMES",
+    "MANIFEST",
+    "PER_LAYER",
+    "AttentionBlock",
+    "GraphSpec",
+    "Manifest",
+    "ModelShape",
+    "RepositoryError",
+    "TensorSpec",
+    "VersionError",
+    "discard",
+    "flat_feeds",
+    "graph_inputs",
+    "graph_outputs",
+    "grouped",
+    "list_models",
+    "list_versions",
+    "open_version",
+    "parse_version",
+    "prepare",
+    "publish",
+    "read_manifest",
+    "sha256_file",
+    "version_dir",
     "write_manifest",
 ]

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the decoder step takes and gives its caches one tensor per layer
 MAX_VERSION = 2**63 - 1  # versions travel as int64 on the wire
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() accepts "²", which int() then refuses

@@ -7,20 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
 
+from .graph_io import GRAPH_NAMES
 from .layout import FORMAT_VERSION, MANIFEST, MAX_VERSION, VersionError, contained, parse_version, sha256_file
 
-GRAPH_NAMES = ("encoder", "encoder_attn", "decoder", "decoder_attn")
-# The graphs' contract between export (which writes these names) and serving (which feeds and reads them).
-ENCODER_INPUTS = ("src_ids", "src_mask")
-DECODER_INPUTS = ("input_ids", "positions", "self_mask", "past_k", "past_v", "cross_k", "cross_v", "src_mask")
-GRAPH_INPUTS = {"encoder": ENCODER_INPUTS, "encoder_attn": ENCODER_INPUTS, "decoder": DECODER_INPUTS,
-                "decoder_attn": DECODER_INPUTS}
-GRAPH_OUTPUTS = {
-    "encoder": ("cross_k", "cross_v"),
-    "encoder_attn": ("cross_k", "cross_v", "enc_self_attn", "embeddings", "hidden_states"),
-    "decoder": ("logits", "present_k", "present_v"),
-    "decoder_attn": ("logits", "present_k", "present_v", "dec_self_attn", "cross_attn"),
-}
 BLOCK_KINDS = ("encoder_self", "decoder_self", "cross")
 _MISSING: Any = object()
 _SHA256 = frozenset("0123456789abcdef")

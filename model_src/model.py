@@ -258,8 +258,8 @@ class EncoderOutput(NamedTuple):
 
 class StepOutput(NamedTuple):
     logits: Tensor  # (B, V)
-    present_k: Tensor  # (L_dec, B, nh, P+1, hs)
-    present_v: Tensor  # (L_dec, B, nh, P+1, hs)
+    present_k: Tensor  # (L_dec, B, nh, P+1, hs), or a list of L_dec (B, nh, P+1, hs) with stacked=False
+    present_v: Tensor
     self_attn: Tensor  # (L_dec, B, nh, 1, P+1)
     cross_attn: Tensor  # (L_dec, B, nh, 1, S)
 
@@ -324,7 +324,8 @@ class Seq2SeqTransformer(nn.Module):
         """Shared body of the full and the one-step decoder.
 
         tgt_ids (B, T) at `positions` (B, T); past keys/values (L, B, nh, P, hs); self_mask (B, T, P+T);
-        cross keys/values (L, B, nh, S, hs); src_mask (B, S).
+        cross keys/values (L, B, nh, S, hs); src_mask (B, S). Caches may be stacked tensors or sequences of L
+        per-layer tensors; the present keys/values come back as lists of L tensors (B, nh, P+T, hs).
         """
         x = self.dropout(self.tgt_embed(tgt_ids) * self.embed_scale + self.positions[positions])  # (B, T, C)
         cross_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
@@ -337,8 +338,7 @@ class Seq2SeqTransformer(nn.Module):
             self_probs.append(sp)
             cross_probs.append(cp)
         logits = self.lm_head(self.decoder_norm(x))  # (B, T, V)
-        return (logits, torch.stack(present_k), torch.stack(present_v), torch.stack(self_probs),
-                torch.stack(cross_probs))
+        return logits, present_k, present_v, torch.stack(self_probs), torch.stack(cross_probs)
 
     def empty_cache(self, batch: int, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
         cfg = self.config
@@ -357,16 +357,20 @@ class Seq2SeqTransformer(nn.Module):
             tgt_ids, positions, past_k, past_v, self_mask, enc.cross_k, enc.cross_v, src_mask)
         return logits, self_probs, cross_probs
 
-    def decode_step(self, token: Tensor, position: Tensor, self_mask: Tensor, past_k: Tensor, past_v: Tensor,
-                    cross_k: Tensor, cross_v: Tensor, src_mask: Tensor) -> StepOutput:
+    def decode_step(self, token: Tensor, position: Tensor, self_mask: Tensor, past_k, past_v, cross_k, cross_v,
+                    src_mask: Tensor, stacked: bool = True) -> StepOutput:
         """One decoder step with a KV cache.
 
         token (B,) is the previous token, at `position` (B,) in its own sequence; past keys/values
         (L, B, nh, P, hs); self_mask (B, P+1) is True on the cache slots that hold a real token, this step's
-        own slot (the last) included, so sequences of different lengths can share one batch.
+        own slot (the last) included, so sequences of different lengths can share one batch. With
+        `stacked=False` the caches go in and come out as sequences of L per-layer tensors (the exported graph's
+        form: no step copies every layer into one tensor).
         """
         logits, pk, pv, sp, cp = self._decode(
             token[:, None], position[:, None], past_k, past_v, self_mask[:, None, :], cross_k, cross_v, src_mask)
+        if stacked:
+            pk, pv = torch.stack(pk), torch.stack(pv)  # (L, B, nh, P+1, hs)
         return StepOutput(logits[:, -1], pk, pv, sp, cp)
 
     def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_ids: Tensor, tgt_mask: Tensor) -> Tensor:

@@ -178,27 +178,30 @@ def test_expired_jobs_get_deadline_exceeded_and_a_closed_engine_refuses(runner):
 def test_a_steady_batch_feeds_the_last_outputs_back_without_copying(runner):
     from serving.engine.feeds import Row, decoder_feeds
 
-    names = runner.decoder_inputs(False)
     enc = runner.run_encoder([runner.tokenizer.encode(t) for t in ("abc", "hello", "qwertyui")], False)
     rows = [Row.start(enc["cross_k"][:, i:i + 1, :, :n], enc["cross_v"][:, i:i + 1, :, :n], runner.bos_id)
             for i, n in enumerate((3, 5, 8))]
-    rows[1].past_k = rows[1].past_v = np.ones((2, 1, 4, 2, 8), np.float32)  # a row two steps further on
-    feeds, P = decoder_feeds(rows, names)
+    further = np.ones((2, 1, 4, 2, 8), np.float32)  # (L, 1, nh, 2, hs): a row two steps further on
+    rows[1] = Row(rows[1].cross_k, rows[1].cross_v, further, further, runner.bos_id)
+    feeds, _ = decoder_feeds(rows)
     out = runner.run_decoder(feeds, False)
     for i, row in enumerate(rows):
-        row.advance(out, i, P, 5)
-    steady, _ = decoder_feeds(rows, names)
+        row.advance(out, i, 5)
+    steady, _ = decoder_feeds(rows)
     assert steady["past_k"] is out["present_k"] and steady["past_v"] is out["present_v"]  # no copy at all
 
     def generic(rs):  # the same rows without their home: built by padding each cache
-        return decoder_feeds([Row(r.cross_k, r.cross_v, r.past_k, r.past_v, r.next_token) for r in rs], names)[0]
+        return decoder_feeds([Row(r.cross_k, r.cross_v, r.past_k, r.past_v, r.next_token) for r in rs])[0]
 
     for subset in ([rows[0], rows[2]], [rows[2], rows[0], rows[1]]):  # the longest left; a reordering
-        fed, _ = decoder_feeds(subset, names)
+        fed, _ = decoder_feeds(subset)
         ref = generic(subset)
         assert set(fed) == set(ref)
-        for name in fed:
-            np.testing.assert_array_equal(fed[name], ref[name])
+        for name in fed:  # per-layer caches are tuples of layers; the rest single arrays
+            got, want = (v if isinstance(v, tuple) else (v,) for v in (fed[name], ref[name]))
+            assert len(got) == len(want), name
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 def test_an_engine_dying_mid_step_answers_every_job_it_holds(runner):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from export.pipeline import ExportConfig, export_checkpoint
-from export.validate import Tolerances, ValidationError, session
+from export.validate import Tolerances, ValidationError, run, session
 from model_repository import RepositoryError, list_versions, prepare
 from model_src.checkpoint import load_model
 from model_src.decoding import pad_batch
@@ -43,8 +43,14 @@ def test_manifest_records_parity_within_bounds(manifest):
 def test_fast_graphs_carry_no_attention_outputs(manifest):
     outs = {g: [o["name"] for o in m["outputs"]] for g, m in manifest["graphs"].items()}
     assert outs["encoder"] == ["cross_k", "cross_v"]
-    assert outs["decoder"] == ["logits", "present_k", "present_v"]
-    assert "cross_attn" in outs["decoder_attn"] and "enc_self_attn" in outs["encoder_attn"]
+    L = manifest["model_config"]["n_decoder_layers"]
+    layers = [f"present_{kv}.{i}" for kv in "kv" for i in range(L)]  # the caches one tensor per layer
+    assert outs["decoder"] == ["logits", *layers]
+    assert outs["decoder_attn"] == ["logits", *layers, "dec_self_attn", "cross_attn"]
+    assert "enc_self_attn" in outs["encoder_attn"]
+    ins = [i["name"] for i in manifest["graphs"]["decoder"]["inputs"]]
+    assert [f"past_k.{i}" for i in range(L)] == [n for n in ins if n.startswith("past_k")]
+    assert [f"cross_v.{i}" for i in range(L)] == [n for n in ins if n.startswith("cross_v")]
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +73,14 @@ def test_decoder_step_matches_pytorch_for_any_past_length(model_and_sessions, pa
     if past > 2:
         self_mask[1, :past // 2] = False  # a shorter sequence sharing the batch: its older slots are padding
     ref = model.decode_step(token, pos, self_mask, pk, pv, enc.cross_k, enc.cross_v, src_mask)
-    logits, k, _, self_attn, cross_attn = s["decoder_attn"].run(None, {
+    out = run(s["decoder_attn"], {
         "input_ids": token.numpy(), "positions": pos.numpy(), "self_mask": self_mask.numpy(),
         "past_k": pk.numpy(), "past_v": pv.numpy(), "cross_k": enc.cross_k.detach().numpy(),
         "cross_v": enc.cross_v.detach().numpy(), "src_mask": src_mask.numpy()})
-    np.testing.assert_allclose(logits, ref.logits.detach().numpy(), atol=1e-4)
-    np.testing.assert_allclose(k, ref.present_k.detach().numpy(), atol=1e-4)
+    self_attn, cross_attn = out["dec_self_attn"], out["cross_attn"]
+    np.testing.assert_allclose(out["logits"], ref.logits.detach().numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.stack(out["present_k"]), ref.present_k.detach().numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.stack(out["present_v"]), ref.present_v.detach().numpy(), atol=1e-4)
     np.testing.assert_allclose(self_attn.sum(-1), 1.0, atol=1e-5)
     assert cross_attn[:, 1, :, :, 2:].max() == 0.0  # padded source keys get exactly zero
     if past > 2:

@@ -128,8 +128,8 @@ def test_a_bad_field_is_refused_by_name(repo, change, field, expected):
 
 def test_another_format_version_is_refused_plainly(repo):
     folder = repo / "tiny" / "1"
-    _rewrite(folder, lambda m: m.update(format_version=2))
-    with pytest.raises(VersionError, match="format_version is 2, and this attnserve reads format 1 only") as info:
+    _rewrite(folder, lambda m: m.update(format_version=3))
+    with pytest.raises(VersionError, match="format_version is 3, and this attnserve reads format 2 only") as info:
         open_version(folder)
     assert info.value.rule == "format-version"
 

@@ -8,7 +8,16 @@ import numpy as np
 import onnx
 import pytest
 
-from model_repository import DECODER_INPUTS, GRAPH_NAMES, MANIFEST, open_version, sha256_file
+from model_repository import (
+    GRAPH_NAMES,
+    MANIFEST,
+    flat_feeds,
+    graph_inputs,
+    graph_outputs,
+    grouped,
+    open_version,
+    sha256_file,
+)
 from serving.engine.feeds import Row, decoder_feeds, encoder_feeds
 from serving.engine.runner import ModelLoadError, ModelRunner, RunnerConfig
 
@@ -31,17 +40,14 @@ def _alone(runner: ModelRunner, source: list[int]) -> Row:
     return Row.start(enc["cross_k"], enc["cross_v"], runner.bos_id)
 
 
-def _step(runner: ModelRunner, rows: list[Row], attention: bool = False) -> tuple[dict[str, np.ndarray], int]:
-    feeds, P = decoder_feeds(rows, runner.decoder_inputs(attention))
+def _step(runner: ModelRunner, rows: list[Row], attention: bool = False) -> tuple[dict, int]:
+    feeds, P = decoder_feeds(rows)
     return runner.run_decoder(feeds, attention), P
 
 
-def _advance(row: Row, out: dict[str, np.ndarray], i: int, P: int) -> None:
+def _advance(row: Row, out: dict, i: int) -> None:
     """Row i of a step becomes `row`'s cache; it feeds its greedy token next."""
-    offset = P - row.past
-    row.past_k = out["present_k"][:, i:i + 1, :, offset:]  # (L, 1, nh, past + 1, hs)
-    row.past_v = out["present_v"][:, i:i + 1, :, offset:]
-    row.next_token = int(np.argmax(out["logits"][i]))
+    row.advance(out, i, int(np.argmax(out["logits"][i])))
 
 
 def test_runner_loads_on_cpu_with_the_manifests_graph_names(runner, tiny_repo):
@@ -53,8 +59,12 @@ def test_runner_loads_on_cpu_with_the_manifests_graph_names(runner, tiny_repo):
     for graph in GRAPH_NAMES:
         assert runner.inputs[graph] == manifest.graphs[graph].input_names()
         assert runner.outputs[graph] == manifest.graphs[graph].output_names()
-    assert runner.decoder_inputs(False) == runner.inputs["decoder"]
-    assert runner.decoder_inputs(True) == runner.inputs["decoder_attn"]
+    L = manifest.model.n_decoder_layers
+    for graph in ("decoder", "decoder_attn"):  # the caches one tensor per layer, in and out
+        assert runner.inputs[graph] == graph_inputs(graph, L)
+        assert {f"past_k.{L - 1}", f"cross_v.{L - 1}"} <= set(runner.inputs[graph])
+        assert runner.outputs[graph] == graph_outputs(graph, L)
+        assert f"present_v.{L - 1}" in runner.outputs[graph]
 
 
 def test_encoder_feeds_right_pad_and_build_only_the_names_given():
@@ -89,39 +99,46 @@ def _synthetic_row(L: int, src_len: int, past: int, value: float, token: int) ->
 
 def test_decoder_feeds_left_pad_caches_and_right_pad_sources():
     rows = [_synthetic_row(2, 2, 0, 1.0, 11), _synthetic_row(2, 4, 2, 2.0, 12), _synthetic_row(2, 3, 3, 3.0, 13)]
-    feeds, P = decoder_feeds(rows, DECODER_INPUTS)
+    feeds, P = decoder_feeds(rows)
     assert P == 3
-    assert set(feeds) == set(DECODER_INPUTS)
+    assert set(feeds) == {"input_ids", "positions", "self_mask", "past_k", "past_v", "cross_k", "cross_v", "src_mask"}
     np.testing.assert_array_equal(feeds["input_ids"], [11, 12, 13])
     np.testing.assert_array_equal(feeds["positions"], [0, 2, 3])
     np.testing.assert_array_equal(feeds["self_mask"], [[0, 0, 0, 1], [0, 1, 1, 1], [1, 1, 1, 1]])
     np.testing.assert_array_equal(feeds["src_mask"], [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]])
-    assert feeds["past_k"].shape == (2, 3, 1, 3, 2) and feeds["cross_k"].shape == (2, 3, 1, 4, 2)
-    for i, r in enumerate(rows):
-        pad = P - r.past
-        np.testing.assert_array_equal(feeds["past_k"][:, i, :, pad:], r.past_k[:, 0])
-        np.testing.assert_array_equal(feeds["past_v"][:, i, :, pad:], r.past_v[:, 0])
-        assert not feeds["past_k"][:, i, :, :pad].any()
-        np.testing.assert_array_equal(feeds["cross_k"][:, i, :, :r.src_len], r.cross_k[:, 0])
-        np.testing.assert_array_equal(feeds["cross_v"][:, i, :, :r.src_len], r.cross_v[:, 0])
-        assert not feeds["cross_k"][:, i, :, r.src_len:].any()
+    assert [a.shape for a in feeds["past_k"]] == [(3, 1, 3, 2)] * 2  # L x (B, nh, P, hs)
+    assert [a.shape for a in feeds["cross_k"]] == [(3, 1, 4, 2)] * 2  # L x (B, nh, S, hs)
+    for layer in range(2):
+        for i, r in enumerate(rows):
+            pad = P - r.past
+            np.testing.assert_array_equal(feeds["past_k"][layer][i, :, pad:], r.past_k[layer][0])
+            np.testing.assert_array_equal(feeds["past_v"][layer][i, :, pad:], r.past_v[layer][0])
+            assert not feeds["past_k"][layer][i, :, :pad].any()
+            np.testing.assert_array_equal(feeds["cross_k"][layer][i, :, :r.src_len], r.cross_k[layer][0])
+            np.testing.assert_array_equal(feeds["cross_v"][layer][i, :, :r.src_len], r.cross_v[layer][0])
+            assert not feeds["cross_k"][layer][i, :, r.src_len:].any()
     assert feeds["input_ids"].dtype == feeds["positions"].dtype == np.int64
     assert feeds["self_mask"].dtype == feeds["src_mask"].dtype == bool
 
 
-def test_decoder_feeds_build_only_the_names_given():
-    rows = [_synthetic_row(1, 2, 1, 1.0, 5), _synthetic_row(1, 3, 0, 2.0, 6)]
-    feeds, P = decoder_feeds(rows, ("input_ids", "src_mask"))
-    assert list(feeds) == ["input_ids", "src_mask"] and P == 1
-    single, P = decoder_feeds(rows[:1], ("positions", "self_mask"))
-    assert list(single) == ["positions", "self_mask"] and P == 1
+def test_flat_feeds_take_the_declared_names_and_layers_and_grouped_gives_them_back():
+    rows = [_synthetic_row(2, 2, 1, 1.0, 5), _synthetic_row(2, 3, 0, 2.0, 6)]
+    feeds, _ = decoder_feeds(rows)
+    flat = flat_feeds(("input_ids", "past_k.1", "cross_v.0"), feeds)
+    assert list(flat) == ["input_ids", "past_k.1", "cross_v.0"]  # only what the graph declares
+    assert flat["past_k.1"] is feeds["past_k"][1] and flat["cross_v.0"] is feeds["cross_v"][0]
+    out = grouped(("logits", "present_k.1", "present_k.0", "cross_attn"), ("l", "k1", "k0", "a"))
+    assert out == {"logits": "l", "present_k": ("k0", "k1"), "cross_attn": "a"}  # layers in order
+    assert flat_feeds(("hidden.2",), {"hidden.2": 7}) == {"hidden.2": 7}  # not a per-layer name: as it is
 
 
 def test_one_row_goes_in_as_it_is():
     row = _synthetic_row(2, 3, 2, 1.0, 7)
-    feeds, P = decoder_feeds([row], DECODER_INPUTS)
+    feeds, P = decoder_feeds([row])
     assert P == 2
     assert feeds["past_k"] is row.past_k and feeds["cross_v"] is row.cross_v  # no copy
+    flat = flat_feeds(graph_inputs("decoder", 2), feeds)
+    assert np.shares_memory(flat["past_k.1"], row.past_k) and flat["past_k.1"].flags.c_contiguous
     np.testing.assert_array_equal(feeds["positions"], [2])
     np.testing.assert_array_equal(feeds["self_mask"], [[1, 1, 1]])
     np.testing.assert_array_equal(feeds["src_mask"], [[1, 1, 1]])
@@ -133,15 +150,17 @@ def test_a_decoder_step_for_three_rows_equals_each_row_alone(runner, sources, at
     rows = [_alone(runner, s) for s in sources]
     for row, steps in zip(rows, (0, 2, 4), strict=True):  # different past lengths, decoded alone
         for _ in range(steps):
-            out, P = _step(runner, [row])
-            _advance(row, out, 0, P)
+            out, _ = _step(runner, [row])
+            _advance(row, out, 0)
     assert [r.past for r in rows] == [0, 2, 4]
     alone = [_step(runner, [r], attention)[0] for r in rows]
     batch, P = _step(runner, rows, attention)
     for i, (row, ref) in enumerate(zip(rows, alone, strict=True)):
         np.testing.assert_allclose(batch["logits"][i], ref["logits"][0], atol=1e-4)
         pad = P - row.past
-        np.testing.assert_allclose(batch["present_k"][:, i, :, pad:], ref["present_k"][:, 0], atol=1e-4)
+        for got, want in zip(batch["present_k"] + batch["present_v"], ref["present_k"] + ref["present_v"],
+                             strict=True):  # 2L x (B, nh, P + 1, hs)
+            np.testing.assert_allclose(got[i, :, pad:], want[0], atol=1e-4)
         if attention:
             np.testing.assert_allclose(batch["cross_attn"][:, i, :, :, :row.src_len], ref["cross_attn"][:, 0],
                                        atol=1e-5)
@@ -176,7 +195,7 @@ def test_calls_are_counted_per_graph(tiny_repo, sources):
     runner.run_encoder(sources[:1], attention=False)
     enc = runner.run_encoder(sources[:1], attention=True)
     row = Row.start(enc["cross_k"], enc["cross_v"], runner.bos_id)
-    runner.run_decoder(decoder_feeds([row], runner.decoder_inputs(False))[0], attention=False)
+    runner.run_decoder(decoder_feeds([row])[0], attention=False)
     assert runner.calls == Counter({"encoder": 2, "encoder_attn": 1, "decoder": 1})
     runner.warm_up()
     assert runner.calls == Counter({"encoder": 3, "encoder_attn": 2, "decoder": 2, "decoder_attn": 1})

@@ -304,10 +304,8 @@ class Engine:
                 self._isolated(group, run, events)
 
     def _decode(self, worker: _Worker, jobs: list[Job], attention: bool, events: dict[Job, list]) -> None:
-        names = self.runner.decoder_inputs(attention)
-
         def run(group: list[Job]) -> None:
-            feeds, P = decoder_feeds([row for job in group for row in job.rows], names, worker.sources[attention])
+            feeds, P = decoder_feeds([row for job in group for row in job.rows], worker.sources[attention])
             step = StepOutput(self.runner.run_decoder(feeds, attention), P, 0.0)
             worker.steps += 1
             step.now = time.monotonic()

@@ -50,7 +50,7 @@ def select(probs: np.ndarray, kind: str, spec: AttentionSpec, n_layers: int) -> 
 class StepOutput:
     """One decoder run as its jobs see it: outputs for the whole batch and the padded past length P."""
 
-    out: dict[str, np.ndarray]  # logits (B, V), present_k/v (L, B, nh, P+1, hs), attention (L, B, nh, 1, T_k)
+    out: dict  # logits (B, V), present_k/v L x (B, nh, P+1, hs), attention (L, B, nh, 1, T_k)
     P: int
     now: float
 
@@ -154,7 +154,7 @@ class SequenceJob(Job):
         if token == self.shape.eos_id:
             return [self._finish("eos", len(self.tokens), self.text, step.now, self.first_token)]
         attention = self._step_attention(step, first, row) if self.decoder_attention else []
-        row.advance(step.out, first, step.P, token)
+        row.advance(step.out, first, token)
         before = self.text
         self.tokens.append(token)
         self.text = self.tokenizer.extend(self.text, self.tokens)
@@ -246,8 +246,8 @@ class BeamJob(Job):
             elif last:
                 self.finished.append((hyp, self._normalised(hyp.score, len(hyp.tokens)), "length"))
             else:
-                row = Row(self.rows[b].cross_k, self.rows[b].cross_v, self.rows[b].past_k, self.rows[b].past_v, 0)
-                row.advance(step.out, first + b, step.P, tok)
+                row = self.rows[b].fork()
+                row.advance(step.out, first + b, tok)
                 survivors.append(hyp)
                 rows.append(row)
         self.steps += 1

@@ -15,7 +15,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from model_repository import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, Manifest, RepositoryError, open_version
+from model_repository import (
+    GRAPH_NAMES,
+    Manifest,
+    RepositoryError,
+    flat_feeds,
+    graph_inputs,
+    graph_outputs,
+    grouped,
+    open_version,
+)
 
 from ..errors import FailedPrecondition
 from .feeds import decoder_feeds, encoder_feeds
@@ -147,18 +156,20 @@ class ModelRunner:
                 raise ModelLoadError(f"{self.dir}: ONNX Runtime cannot load the {graph} graph ({e})") from e
             check_providers(graph, path, loaded[graph].get_providers(), providers, cfg.require_gpu)
         sessions = {}
+        L = self.shape.n_decoder_layers
         for graph in GRAPH_NAMES:
             session = loaded.get(graph) or loaded[f"{graph}_attn"]
             path = m.file(m.graphs[graph if graph in loaded else f"{graph}_attn"].file)
-            unknown = {i.name for i in session.get_inputs()} - set(GRAPH_INPUTS[graph])
+            inputs, outputs = graph_inputs(graph, L), graph_outputs(graph, L)
+            unknown = {i.name for i in session.get_inputs()} - set(inputs)
             if unknown:  # the graphs against the contract, at load, not per request
                 raise ModelLoadError(f"{path}: inputs {sorted(unknown)} are not ones this server can feed "
-                                     f"({', '.join(GRAPH_INPUTS[graph])})")
-            missing = set(GRAPH_OUTPUTS[graph]) - {o.name for o in session.get_outputs()}
+                                     f"({', '.join(inputs)})")
+            missing = set(outputs) - {o.name for o in session.get_outputs()}
             if missing:
                 raise ModelLoadError(f"{path}: outputs {sorted(missing)} are missing; the {graph} graph must give "
-                                     f"{', '.join(GRAPH_OUTPUTS[graph])}")
-            sessions[graph] = GraphSession(session, GRAPH_OUTPUTS[graph])
+                                     f"{', '.join(outputs)}")
+            sessions[graph] = GraphSession(session, outputs)
         return sessions
 
     @property
@@ -169,22 +180,21 @@ class ModelRunner:
     def eos_id(self) -> int:
         return self.shape.eos_id
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, graph: str, feeds: dict) -> dict:
+        """Feeds by the contract's names (a per-layer cache as one sequence of layers); outputs likewise."""
         with self._calls_lock:  # engine workers run graphs concurrently
             self.calls[graph] += 1
-        outs = self.sessions[graph].run(None, feeds)
-        return dict(zip(self.sessions[graph].output_names, outs, strict=True))
+        session = self.sessions[graph]
+        return grouped(session.output_names, session.run(None, flat_feeds(self.inputs[graph], feeds)))
 
     def run_encoder(self, sources: list[list[int]], attention: bool) -> dict[str, np.ndarray]:
         """One encoder pass over right-padded sources: cross_k/v (L, B, nh, S, hs), and the extras with attention."""
         graph = "encoder_attn" if attention else "encoder"
         return self._run(graph, encoder_feeds(sources, self.inputs[graph]))
 
-    def run_decoder(self, feeds: dict[str, np.ndarray], attention: bool) -> dict[str, np.ndarray]:
+    def run_decoder(self, feeds: dict, attention: bool) -> dict:
+        """One decoder step: logits (B, V), present_k/v as L arrays (B, nh, P+1, hs), and attention when asked."""
         return self._run("decoder_attn" if attention else "decoder", feeds)
-
-    def decoder_inputs(self, attention: bool) -> tuple[str, ...]:
-        return self.inputs["decoder_attn" if attention else "decoder"]
 
     def warm_up(self) -> None:
         """Run every graph once so the first request pays no lazy initialisation."""
@@ -193,4 +203,4 @@ class ModelRunner:
         for attention in (False, True):
             enc = self.run_encoder([[4, 5, 6]], attention)
             row = Row.start(enc["cross_k"], enc["cross_v"], self.bos_id)
-            self.run_decoder(decoder_feeds([row], self.decoder_inputs(attention))[0], attention)
+            self.run_decoder(decoder_feeds([row])[0], attention)

@@ -86,19 +86,23 @@ class DatesStreamingHandler:
             src_mask[i, : len(s)] = True
         cross_k, cross_v = self.encoder.run(None, {"src_ids": src_ids, "src_mask": src_mask})  # (L, B, nh, S, hs)
         L, _, nh, _, hs = cross_k.shape
+        layers = range(L)  # the decoder takes and gives its caches one tensor per layer: past_k.0, present_k.0, ...
 
         tokens = [[] for _ in range(B)]
         finish = ["length"] * B
         rows = np.arange(B)  # the rows still decoding, in the order of the step's batch
         feed_ids = np.full(B, self.bos_id, np.int64)
-        past_k = past_v = np.zeros((L, B, nh, 0, hs), np.float32)
-        cross = {"cross_k": cross_k, "cross_v": cross_v, "src_mask": src_mask}
+        past = {f"past_{kv}.{i}": np.zeros((B, nh, 0, hs), np.float32) for kv in "kv" for i in layers}
+        cross = {**{f"cross_k.{i}": cross_k[i] for i in layers}, **{f"cross_v.{i}": cross_v[i] for i in layers},
+                 "src_mask": src_mask}
         step = 0
         while len(rows):
             n = len(rows)
-            logits, past_k, past_v = self.decoder.run(self.decoder_outputs, {
+            logits, *present = self.decoder.run(self.decoder_outputs, {
                 "input_ids": feed_ids, "positions": np.full(n, step, np.int64),
-                "self_mask": np.ones((n, step + 1), bool), "past_k": past_k, "past_v": past_v, **cross})
+                "self_mask": np.ones((n, step + 1), bool), **past, **cross})
+            names = (name.replace("present", "past") for name in self.decoder_outputs[1:])
+            past = dict(zip(names, present, strict=True))
             step += 1
             chosen = logits.argmax(axis=1)  # (n,)
             produced, keep = [], []
@@ -115,9 +119,8 @@ class DatesStreamingHandler:
                 on_step(produced)
             if len(keep) < n:  # rows that ended leave the batch: gather the others' caches and sources
                 rows, keep = rows[keep], np.asarray(keep, np.int64)
-                past_k, past_v = past_k[:, keep], past_v[:, keep]
-                cross = {"cross_k": cross["cross_k"][:, keep], "cross_v": cross["cross_v"][:, keep],
-                         "src_mask": cross["src_mask"][keep]}
+                past = {name: a[keep] for name, a in past.items()}
+                cross = {name: a[keep] for name, a in cross.items()}
                 chosen = chosen[keep]
             feed_ids = chosen.astype(np.int64)
         return tokens, finish
