@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .domain import Limits
-from .engine.runner import RunnerConfig
+from .engine.runner import IO_BINDING, RunnerConfig
 from .frontends.security import SecurityConfig
 from .frontends.server import ServerConfig, serve
 
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also load the graphs without attention outputs as sessions of their own (each holds its "
                         "own prepacked weights); off by default: the attention graphs serve every request, "
                         "measured at the same speed")
+    p.add_argument("--io-binding", choices=IO_BINDING, default=_env("IO_BINDING", RunnerConfig().io_binding),
+                   help="decoder steps through ONNX Runtime IO binding, the caches kept on the device between steps "
+                        "(default auto: on when the model runs on CUDA)")
     p.add_argument("--poll-seconds", type=float, default=_env("POLL_SECONDS", d.poll_seconds),
                    help="repository scan interval for new versions; 0 disables")
     p.add_argument("--grace-seconds", type=float, default=_env("GRACE_SECONDS", d.grace_seconds))
@@ -97,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     limits = Limits(**{k: getattr(args, k) for k in LIMIT_FLAGS})
     runner = RunnerConfig(providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
                           require_gpu=args.require_gpu, intra_op_threads=args.threads,
-                          fast_graphs=args.fast_graphs)
+                          fast_graphs=args.fast_graphs, io_binding=args.io_binding)
     security = SecurityConfig(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                               auth_token_file=args.auth_token_file, admin_token_file=args.admin_token_file,
                               reflection=args.reflection)

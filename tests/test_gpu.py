@@ -60,6 +60,8 @@ def test_cuda_graphs_match_cpu_within_the_export_tolerances(serving_repo):
             feeds, _ = decoder_feeds(rows[name])
             out[name] = r.run_decoder(feeds, attention=True)
         np.testing.assert_allclose(out["cuda"]["logits"], out["cpu"]["logits"], atol=1e-4)
+        # IO binding by default on CUDA: the caches stay on the device between steps
+        assert cuda.bound and {v.device_name() for v in out["cuda"]["present_k"]} == {"cuda"}
         for key in ("cross_attn", "dec_self_attn"):
             np.testing.assert_allclose(out["cuda"][key], out["cpu"][key], atol=1e-5, err_msg=key)
         tokens = out["cpu"]["logits"].argmax(-1)

@@ -50,7 +50,7 @@ class Row:
         return row
 
     def _views(self, name: str) -> tuple[np.ndarray, ...]:
-        layers = self.home[name]  # L x (B, nh, W, hs), this row's cache right-aligned
+        layers = host_layers(self.home, name)  # L x (B, nh, W, hs), this row's cache right-aligned
         width, i = layers[0].shape[2], self.home_index
         return tuple(a[i:i + 1, :, width - self._past:] for a in layers)  # L x (1, nh, past, hs): views
 
@@ -73,6 +73,27 @@ class Row:
     @property
     def src_len(self) -> int:
         return self.cross_k.shape[3]
+
+
+def host_layers(home: dict, name: str) -> tuple[np.ndarray, ...]:
+    """A step's per-layer output as numpy. A runner with IO binding leaves the caches in OrtValues where the
+    model runs: they come to the host once per step however many rows need them (no copy on CPU, where an
+    OrtValue's numpy() shares its memory)."""
+    layers = home[name]
+    if all(isinstance(a, np.ndarray) for a in layers):
+        return layers
+    key = f"{name}:host"
+    if key not in home:
+        home[key] = tuple(a if isinstance(a, np.ndarray) else a.numpy() for a in layers)
+    return home[key]
+
+
+def _batch_of(layer) -> int:
+    return layer.shape[0] if isinstance(layer, np.ndarray) else layer.shape()[0]  # an OrtValue's shape()
+
+
+def _width_of(layer) -> int:
+    return layer.shape[2] if isinstance(layer, np.ndarray) else layer.shape()[2]
 
 
 def encoder_feeds(sources: Sequence[Sequence[int]], names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -160,12 +181,14 @@ def _past_from_home(rows: Sequence[Row], P: int) -> tuple[Layers, Layers] | None
     if home is None or any(r.home is not home for r in rows):
         return None
     pk, pv = home["present_k"], home["present_v"]  # L x (B', nh, P' + 1, hs), every row's cache right-aligned
-    width = pk[0].shape[2]
+    width = _width_of(pk[0])
     index = [r.home_index for r in rows]
     cut = width - P if width > P else 0  # columns that are padding for every remaining row
-    if cut == 0 and index == list(range(pk[0].shape[0])):
-        return pk, pv
-    if index == list(range(pk[0].shape[0])):
+    same_rows = index == list(range(_batch_of(pk[0])))
+    if cut == 0 and same_rows:
+        return pk, pv  # numpy arrays or OrtValues, as the last step left them
+    pk, pv = host_layers(home, "present_k"), host_layers(home, "present_v")
+    if same_rows:
         return tuple(a[:, :, cut:] for a in pk), tuple(a[:, :, cut:] for a in pv)  # L x (B, nh, P, hs)
     return tuple(a[index, :, cut:] for a in pk), tuple(a[index, :, cut:] for a in pv)  # L x (B, nh, P, hs)
 

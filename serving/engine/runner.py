@@ -27,12 +27,14 @@ from model_repository import (
 )
 
 from ..errors import FailedPrecondition
+from .binding import ResidentSources, run_bound
 from .feeds import decoder_feeds, encoder_feeds
 from .tokenizer import ServingTokenizer
 
 log = logging.getLogger(__name__)
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+IO_BINDING = ("auto", "on", "off")
 
 
 class ModelLoadError(RuntimeError):
@@ -50,6 +52,9 @@ class RunnerConfig:
     # and opus-mt shapes, batch 1 and 16), while each extra session holds its own prepacked copy of every matrix
     # (+200 MiB at opus-mt's size in fp32).
     fast_graphs: bool = False
+    # Decoder steps through IO binding, the caches kept where the model runs: "auto" on CUDA, "on" anywhere
+    # (on CPU it measured the same as numpy: 0.94-1.00x), "off".
+    io_binding: str = "auto"
 
 
 class GraphSession:
@@ -140,6 +145,11 @@ class ModelRunner:
         self.outputs = {g: s.output_names for g, s in self.sessions.items()}
         self.providers: tuple[str, ...] = tuple(self.sessions["decoder"].get_providers())
         self.session_count = len({id(s.session) for s in self.sessions.values()})
+        self.device = "cuda" if self.providers[0] == PROVIDERS["cuda"] else "cpu"
+        if cfg.io_binding not in IO_BINDING:
+            raise FailedPrecondition(f"io_binding {cfg.io_binding!r}: use one of {', '.join(IO_BINDING)}")
+        self.bound = cfg.io_binding == "on" or (cfg.io_binding == "auto" and self.device == "cuda")
+        self.resident = ResidentSources(self.device)  # cross keys/values on the device, when bound
         self.calls: Counter[str] = Counter()  # runs per graph: shows which requests paid for attention
         self._calls_lock = threading.Lock()
         log.info("loaded %s v%d from %s on %s (%d sessions)", self.name, self.version, self.dir, self.providers,
@@ -193,8 +203,16 @@ class ModelRunner:
         return self._run(graph, encoder_feeds(sources, self.inputs[graph]))
 
     def run_decoder(self, feeds: dict, attention: bool) -> dict:
-        """One decoder step: logits (B, V), present_k/v as L arrays (B, nh, P+1, hs), and attention when asked."""
-        return self._run("decoder_attn" if attention else "decoder", feeds)
+        """One decoder step: logits (B, V), present_k/v as L arrays (B, nh, P+1, hs), and attention when asked.
+        Bound (`io_binding`), present_k/v are OrtValues on the runner's device, fed back as they are."""
+        graph = "decoder_attn" if attention else "decoder"
+        if not self.bound:
+            return self._run(graph, feeds)
+        with self._calls_lock:
+            self.calls[graph] += 1
+        s = self.sessions[graph]
+        values = run_bound(s.session, self.inputs[graph], s.output_names, feeds, self.device, self.resident)
+        return grouped(s.output_names, values)
 
     def warm_up(self) -> None:
         """Run every graph once so the first request pays no lazy initialisation."""
