@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-workers", type=_positive, default=_env("ENGINE_WORKERS", d.engine_workers),
                    help="decode batches each model steps at once, each on its own thread over the same sessions "
                         "and weights (default %(default)s)")
+    p.add_argument("--engine-start-seconds", type=float, default=_env("ENGINE_START_SECONDS", d.engine_start_seconds),
+                   help="an engine process that has not loaded its version by then is stopped and the load fails "
+                        "(the version already served keeps serving)")
     p.add_argument("--fast-graphs", action=argparse.BooleanOptionalAction, default=_env("FAST_GRAPHS", False),
                    help="also load the graphs without attention outputs as sessions of their own (each holds its "
                         "own prepacked weights); off by default: the attention graphs serve every request, "
@@ -112,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         poll_seconds=args.poll_seconds, grace_seconds=args.grace_seconds,
                         drain_seconds=args.drain_seconds, max_batch=args.max_batch,
                         restart_seconds=args.restart_seconds, engine_processes=args.engine_processes,
-                        engine_workers=args.engine_workers)
+                        engine_workers=args.engine_workers, engine_start_seconds=args.engine_start_seconds)
 
 
 def serve_main(argv: list[str] | None = None) -> int:

@@ -208,6 +208,25 @@ def test_an_unknown_error_is_internal_and_does_not_leak_its_message():
     assert "secret" not in message and "KeyError" in message
 
 
+def test_an_unexpected_error_is_logged_once_with_its_traceback_under_the_id_the_client_gets(caplog):
+    import re
+
+    from serving.errors import InternalError, describe, logged
+
+    try:
+        {}["missing"]
+    except KeyError as e:
+        error = e
+    caplog.set_level("ERROR", logger="serving.errors")
+    wrapped = logged(error, "a request to tiny v1")
+    assert isinstance(wrapped, InternalError)
+    error_id = re.search(r"error id ([0-9a-f]{12})", str(wrapped)).group(1)
+    assert [r.exc_info[1] for r in caplog.records] == [error] and error_id in caplog.records[0].getMessage()
+    assert describe(wrapped, "ModelInfer") == ("INTERNAL", 500, str(wrapped))  # told as it is, not logged again
+    assert status_of(wrapped) == (grpc.StatusCode.INTERNAL, str(wrapped)) and len(caplog.records) == 1
+    assert describe(InvalidRequest("bad"), "x") == ("INVALID_ARGUMENT", 400, "bad") and len(caplog.records) == 1
+
+
 # ---------------------------------------------------------------- validation
 def test_resolve_params_fills_in_the_defaults():
     limits = Limits(default_new_tokens=11)

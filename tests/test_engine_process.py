@@ -154,3 +154,48 @@ def test_engine_processes_with_two_workers_answer_concurrent_streams_as_one_work
     finally:
         one.stop()
         two.stop()
+
+
+def test_a_job_spec_the_engine_process_cannot_rebuild_fails_that_job_alone(serving_repo):
+    from serving.domain import DecodeParams
+    from serving.engine.engine import Engine
+    from serving.engine.jobs import SequenceJob
+    from serving.errors import InternalError
+
+    s = start(serving_repo, engine_processes=True)
+    try:
+        engine = s.app.registry.get("tiny").engine
+        pid = _pid(s, "tiny")
+        runner = s.app.registry.get("tiny").runner
+
+        async def submit_bad():
+            job = SequenceJob([5, 6, 7], runner.manifest.model, runner.tokenizer, params=DecodeParams(max_new_tokens=5))
+            job.spec = lambda: {"source": [5, 6, 7], "no_such_field": 1}  # what a mismatched child cannot take
+            engine.submit(job)
+            return [ev async for ev in Engine.events(job)]
+
+        with pytest.raises(InternalError, match="error id [0-9a-f]{12}"):
+            s.call(submit_bad())
+        assert _alive(pid) and _pid(s, "tiny") == pid  # the same engine process, still serving
+        with AttnServeClient(s.address) as c:
+            assert c.predict("abc", model="tiny", max_new_tokens=5).text is not None
+            assert len(c.predict("abc", model="tiny", max_new_tokens=5).tokens) > 0
+    finally:
+        s.stop()
+
+
+def test_an_engine_process_that_does_not_get_ready_in_time_fails_the_load_and_is_stopped(tiny_repo):
+    import multiprocessing as mp
+
+    from serving.engine.engine import EngineConfig
+    from serving.engine.process import ProcessModel
+    from serving.engine.runner import ModelLoadError, RunnerConfig
+
+    before = {p.pid for p in mp.active_children()}
+    t0 = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"did not load the version within 0.2 s \(--engine-start-seconds\)"):
+        ProcessModel.load(tiny_repo / "tiny" / "1", RunnerConfig(providers=("cpu",)), EngineConfig(start_seconds=0.2))
+    assert time.monotonic() - t0 < 10  # a spawned interpreter alone takes longer than 0.2 s to import its runtime
+    assert {p.pid for p in mp.active_children()} <= before  # the late process was stopped, not left behind
+    model = ProcessModel.load(tiny_repo / "tiny" / "1", RunnerConfig(providers=("cpu",)), EngineConfig())
+    model.discard()

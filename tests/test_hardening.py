@@ -22,8 +22,10 @@ from .hardening import (
     Fuzzer,
     Intent,
     ModelFacts,
+    OipFuzzer,
     Tally,
     drive,
+    fuzz_oip_with_server,
     fuzz_with_server,
     generate_request,
     long_name,
@@ -85,6 +87,45 @@ def test_fuzz_leaves_the_server_healthy_answering_and_its_memory_where_it_was(fu
     before, after = m["before"].rss_bytes, m["after"].rss_bytes
     assert abs(after / before - 1) < 0.05, f"RSS {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB"
     assert m["server_errors"] == []  # no handler raised: every refusal was a domain error
+    assert m["exit_code"] == 0
+
+
+def test_the_open_inference_protocol_fuzzer_is_seeded_and_covers_both_surfaces():
+    a, b = OipFuzzer(3), OipFuzzer(3)
+    assert [c.body for c in a.grpc_cases(200)] == [c.body for c in b.grpc_cases(200)]
+    assert [(c.method, c.path, c.body) for c in a.http_cases(200)] == [(c.method, c.path, c.body)
+                                                                       for c in b.http_cases(200)]
+    assert {c.kind for c in a.grpc_cases(300)} == {"infer", "stream", "metadata", "random-bytes"}
+    assert {c.kind for c in a.http_cases(300)} == {"json", "json-any", "deep", "truncated", "bytes", "huge"}
+    assert {"POST", "GET", "PUT"} <= {c.method for c in a.http_cases(300)}
+
+
+@pytest.fixture(scope="module")
+def oip_fuzzed(serving_repo):
+    """2,000 cases on each Open Inference Protocol surface (KServe v2 gRPC, HTTP) against a server subprocess."""
+    return fuzz_oip_with_server(serving_repo, 2000, seed=0)
+
+
+@pytest.mark.slow
+def test_oip_fuzz_every_request_gets_ok_or_a_precise_status(oip_fuzzed):
+    report, _ = oip_fuzzed
+    assert report.tried == {"grpc": 2000, "http": 2000}
+    assert report.failures == [], "\n".join(report.lines())
+    assert report.statuses["grpc OK"] > 50 and report.statuses["http 200"] > 50  # valid requests were among them
+    assert report.statuses["grpc INVALID_ARGUMENT"] > 500 and report.statuses["http 400"] > 500
+    assert report.slowest < 10.0
+
+
+@pytest.mark.slow
+def test_oip_fuzz_leaves_the_server_healthy_answering_and_its_memory_where_it_was(oip_fuzzed):
+    _, m = oip_fuzzed
+    good, again = m["known_good"], m["known_good_after"]
+    assert [t.id for t in again.tokens] == [t.id for t in good.tokens] and again.text == good.text
+    assert m["health"] == 1  # SERVING
+    before, after = m["before"], m["after"]
+    assert abs(after.rss_bytes / before.rss_bytes - 1) < 0.05, (before, after)
+    assert after.threads <= before.threads + 2 and after.fds <= before.fds + 4, (before, after)
+    assert m["server_errors"] == []  # nothing unexpected logged: every refusal was a domain error
     assert m["exit_code"] == 0
 
 

@@ -132,12 +132,50 @@ def test_generate_and_generate_stream_give_the_grpc_tokens_and_attention(server,
     ("GET", "/v2/models/tiny/generate", None, 405, "Method Not Allowed"),
     ("GET", "/v3/anything", None, 404, "Not Found"),
     ("POST", "/v2/models/tiny/generate", {"text_input": "x" * (2 << 20)}, 413, "Too Large"),
+    # what a new user's mistakes and a fuzzer found answering 500 before
+    ("GET", "/v2/models/tiny/versions/%C2%B2/ready", None, 400, "not a version number"),
+    ("GET", "/v2/models/tiny/versions/%C2%B2", None, 400, "not a version number"),
+    ("POST", "/v2/models/tiny/versions/%C2%B2/infer", {"inputs": []}, 400, "not a version number"),
+    ("POST", "/v2/models/tiny/infer", b"[" * 100_000, 400, "too deeply"),
+    ("POST", "/v2/models/tiny/infer", {"inputs": [{"name": "SOURCE_IDS", "shape": [2**32, 2**32], "datatype": "INT64",
+                                                   "data": []}]}, 400, "do not fill shape"),
+    ("POST", "/v2/models/tiny/infer", {"inputs": [{"name": "SOURCE_IDS", "shape": [2, 2], "datatype": "INT64",
+                                                   "data": [[5, 6], [7]]}]}, 400, "do not fill shape"),
+    ("POST", "/v2/models/tiny/infer", {"inputs": [{"name": "SOURCE_IDS", "shape": [1, 1], "datatype": "INT64",
+                                                   "data": [2**70]}]}, 400, "INT64 integers"),
+    ("POST", "/v2/models/tiny/infer", {"inputs": [{"name": "SOURCE_IDS", "shape": [3, 0], "datatype": "INT64",
+                                                   "data": []}]}, 400, "rows of no token"),
+    ("POST", "/v2/models/tiny/infer", {"inputs": [{"name": ["TEXT"], "shape": [1], "datatype": "BYTES",
+                                                   "data": ["a"]}]}, 400, "unexpected inference input"),
+    ("POST", "/v2/models/tiny/infer", {"inputs": [{"name": "TEXT", "shape": [33], "datatype": "BYTES",
+                                                   "data": ["ab"] * 33}]}, 400, "max_batch_size of 32"),
+    ("POST", "/v2/models/tiny/infer", {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                                       "outputs": [{"name": "CROSS_ATTENTION"}],
+                                       "parameters": {"mean_over_heads": "maybe"}}, 400, "must be a boolean"),
+    ("POST", "/v2/models/tiny/infer", {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                                       "parameters": {"stop": {"a": 1}}}, 400, "parameter 'stop' must be a string"),
+    ("POST", "/v2/models/tiny/infer", {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                                       "parameters": {"timeout": -5}}, 400, "microseconds"),
+    ("POST", "/v2/models/tiny/generate", {"text_input": "x", "parameters": {"attention": [1]}}, 400,
+     "parameter 'attention' must be one of"),
 ])
 def test_bad_requests_get_json_errors_with_tritons_statuses(server, method, path, body, status, fragment):
     got, payload, _ = request(server.app.http_port, method, path, body)
     assert got == status, payload
     assert fragment in payload["error"]
     assert request(server.app.http_port, "POST", "/v2/models/tiny/generate", {"text_input": "ab"})[0] == 200
+
+
+def test_mean_over_heads_false_as_a_string_means_false(server):
+    body = lambda flag: {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["abc"]}],  # noqa: E731
+                         "outputs": [{"name": "CROSS_ATTENTION"}], "parameters": {"mean_over_heads": flag}}
+    shapes = {}
+    for flag in ("false", "true", False, "TRUE"):
+        status, payload, _ = request(server.app.http_port, "POST", "/v2/models/tiny/infer", body(flag))
+        assert status == 200, payload
+        shapes[str(flag)] = payload["outputs"][0]["shape"]  # [N, layers, heads, T_q, T_k]
+    assert shapes["false"] == shapes["False"] and shapes["false"][2] > 1  # every head
+    assert shapes["true"][2] == shapes["TRUE"][2] == 1  # their mean
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_sequence(server):
@@ -199,3 +237,13 @@ def test_mutual_tls_on_the_http_port_wants_a_client_certificate(serving_repo, pk
             request(port, "GET", "/v2/health/ready", context=rogue, host="localhost")
     finally:
         s.stop()
+
+
+def test_an_answer_over_max_message_bytes_is_refused_as_grpc_would(server):
+    text = "the quick brown fox jumps over the lazy dog, 1234567890"
+    body = lambda n: {"inputs": [{"name": "TEXT", "shape": [n], "datatype": "BYTES", "data": [text] * n}],  # noqa: E731
+                      "outputs": [{"name": "HIDDEN_STATES"}, {"name": "EMBEDDINGS"}]}
+    status, payload, _ = request(server.app.http_port, "POST", "/v2/models/tiny/infer", body(32))
+    assert status == 429 and "--max-message-bytes" in payload["error"], payload
+    status, payload, _ = request(server.app.http_port, "POST", "/v2/models/tiny/infer", body(1))
+    assert status == 200 and payload["outputs"][0]["shape"][0] == 1

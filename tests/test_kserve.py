@@ -154,6 +154,11 @@ def test_bad_tensors_and_parameters_get_the_statuses_triton_users_expect(triton)
         (dict(inputs=[_text_input(["abc"])], parameters={"max_new_tokens": "many"}), "INVALID_ARGUMENT",
          "max_new_tokens"),
         (dict(inputs=[_text_input(["abc"])], model_version="x1"), "INVALID_ARGUMENT", "not a version number"),
+        (dict(inputs=[_text_input(["abc"])], model_version="\u00b2"), "INVALID_ARGUMENT", "not a version number"),
+        (dict(inputs=[_text_input(["ab"] * 33)]), "INVALID_ARGUMENT", "max_batch_size of 32"),
+        (dict(inputs=[_text_input(["abc"])], outputs=_outputs("CROSS_ATTENTION"),
+              parameters={"mean_over_heads": "maybe"}), "INVALID_ARGUMENT", "must be a boolean"),
+        (dict(inputs=[_text_input(["abc"])], timeout=1), "DEADLINE_EXCEEDED", "deadline"),
         (dict(inputs=[_text_input(["abc"])], model_name="missing"), "NOT_FOUND", "'missing' is not loaded"),
     ]
     inputs = cases[1][0]["inputs"][0]
@@ -186,6 +191,70 @@ def test_a_failed_request_of_a_stream_is_reported_in_it_and_the_stream_goes_on(t
         assert texts
     finally:
         triton.stop_stream()
+
+
+def test_version_strings_that_are_no_number_are_refused_on_every_call(triton):
+    for call in (lambda: triton.is_model_ready("tiny", "\u00b2"), lambda: triton.get_model_metadata("tiny", "\u00b2"),
+                 lambda: triton.get_model_config("tiny", "\u00b2")):
+        with pytest.raises(InferenceServerException) as e:
+            call()
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "not a version number" in e.value.message()
+    assert triton.is_model_ready("tiny", "999") is False and triton.is_model_ready("tiny")
+
+
+def test_mean_over_heads_as_a_string_and_the_config_says_decoupled(triton):
+    def heads(flag):
+        result = triton.infer("tiny", [_text_input(["abc"])], outputs=_outputs("CROSS_ATTENTION"),
+                              parameters={"mean_over_heads": flag})
+        return result.as_numpy("CROSS_ATTENTION").shape[2]  # [N, layers, heads, T_q, T_k]
+
+    assert heads("false") == heads(False) > 1 and heads("true") == heads(True) == 1
+    config = triton.get_model_config("tiny").config
+    assert config.model_transaction_policy.decoupled and config.max_batch_size == 32
+
+
+@pytest.mark.parametrize(("shape", "raw"), [([2**32, 2**32], b""), ([-1, -1], b"\0" * 8), ([4, 0], b""),
+                                            ([2**62, 2], b"\0" * 16), ([0, 2**62], b"")])
+def test_source_ids_shapes_that_cannot_hold_their_data_are_refused(server, shape, raw):
+    from protos.attnserve.kserve.v2 import kserve_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name="tiny", raw_input_contents=[raw])
+    request.inputs.add(name="SOURCE_IDS", datatype="INT64", shape=shape)
+    with grpc.insecure_channel(server.address) as ch:
+        infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                               request_serializer=pb.ModelInferRequest.SerializeToString,
+                               response_deserializer=pb.ModelInferResponse.FromString)
+        with pytest.raises(grpc.RpcError) as e:
+            infer(request, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+
+
+def test_a_batch_fails_whole_and_its_other_rows_are_cancelled():
+    import asyncio
+
+    from serving.errors import LimitExceeded
+    from serving.frontends.kserve_v2 import _whole
+
+    cancelled = []
+
+    async def slow(i):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(i)
+            raise
+
+    async def refused():
+        await asyncio.sleep(0.01)
+        raise LimitExceeded("over the limit")
+
+    async def main():
+        with pytest.raises(LimitExceeded):
+            await asyncio.wait_for(_whole([slow(0), refused(), slow(2)]), 10)
+        assert await _whole([asyncio.sleep(0, result=i) for i in range(3)]) == [0, 1, 2]
+
+    asyncio.run(main())
+    assert sorted(cancelled) == [0, 2]
 
 
 def test_raw_grpc_status_for_a_call_without_a_model_name(server):

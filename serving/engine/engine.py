@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from ..domain import FinishEvent
-from ..errors import DeadlineExceeded, LimitExceeded, ServingError, Unavailable
+from ..errors import DeadlineExceeded, LimitExceeded, ServingError, Unavailable, logged
 from .feeds import SourceBatch, decoder_feeds
 from .jobs import Job, StepOutput
 from .runner import ModelRunner
@@ -36,6 +36,7 @@ class EngineConfig:
     max_batch: int = 32  # decoder rows stepped together (a beam search takes beam_size of them)
     max_queue: int = 128  # jobs waiting for room in the batch; past it, RESOURCE_EXHAUSTED at once
     workers: int = 1  # batches stepped at once, each by its own thread over the same sessions (max_batch each)
+    start_seconds: float = 600.0  # an engine process that has not loaded its version by then fails the load
 
 
 class _Worker:
@@ -269,8 +270,7 @@ class Engine:
     def _fail(self, job: Job, error: Exception, events: dict[Job, list]) -> None:
         if isinstance(error, ServingError):
             log.warning("a request to %s failed: %s", self.label, error)
-        else:
-            log.error("a request to %s failed: %r", self.label, error)
+        error = logged(error, f"a request to {self.label}")  # unexpected: its traceback logged once, with an id
         job.done, job.rows = True, []
         events.setdefault(job, []).append(error)
 

@@ -26,7 +26,7 @@ import weakref
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from ..errors import ServingError
+from ..errors import ServingError, logged
 from .engine import Engine, EngineConfig
 from .jobs import BeamJob, EncodeJob, Job, SequenceJob
 from .runner import ModelRunner, RunnerConfig
@@ -112,7 +112,11 @@ def main(conn: Connection, path: str, runner_cfg: RunnerConfig, engine_cfg: Engi
         kind = message[0]
         if kind == "submit":
             _, job_id, type_name, spec = message
-            job = JOB_TYPES[type_name](**spec, shape=runner.shape, tokenizer=runner.tokenizer)
+            try:
+                job = JOB_TYPES[type_name](**spec, shape=runner.shape, tokenizer=runner.tokenizer)
+            except Exception as e:  # a spec this engine cannot rebuild fails its own job, never the engine
+                engine.send(("events", [(job_id, [logged(e, f"job {job_id} of {engine.label}")])], engine.stats()))
+                continue
             by_id[job_id] = job
             engine.ids[job] = job_id
             try:

@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing as mp
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,10 +54,17 @@ def _spawn(path: Path, runner_cfg: RunnerConfig, engine_cfg: EngineConfig) -> Ch
                               daemon=True)
     process.start()
     theirs.close()
+    deadline = time.monotonic() + engine_cfg.start_seconds
     try:
         while not ours.poll(0.2):
             if not process.is_alive():
                 raise ModelLoadError(f"{path}: the engine process exited (code {process.exitcode}) while loading")
+            if time.monotonic() > deadline:
+                process.kill()
+                process.join(5)
+                ours.close()
+                raise ModelLoadError(f"{path}: the engine process did not load the version within "
+                                     f"{engine_cfg.start_seconds:g} s (--engine-start-seconds); it was stopped")
         message = ours.recv()
     except (EOFError, OSError) as e:
         process.join(5)

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 from aiohttp import web
 
 from ..api.service import InferenceAPI
@@ -33,23 +32,15 @@ from ..domain import (
     Source,
     TokenEvent,
 )
-from ..errors import InvalidRequest, ServingError, Unavailable
+from ..errors import InvalidRequest, LimitExceeded, ServingError, Unavailable, describe
 from ..metrics import Metrics
 from . import kserve_json as j
 from . import kserve_tensors as t
 from .kserve_v2 import PLATFORM, infer, server_version
 from .security import Authorizer, SecurityConfig
-from .status import status_of
 
 log = logging.getLogger(__name__)
 EXPLORER = Path(__file__).parent / "explorer"
-HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
-               grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
-               grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
-               grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.ABORTED: 409,
-               grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.CANCELLED: 499,
-               grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.UNAVAILABLE: 503,
-               grpc.StatusCode.DEADLINE_EXCEEDED: 504}
 OPEN = frozenset({"live", "ready", "page", "static"})  # no token needed (probes, the page itself)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -60,8 +51,9 @@ def error_response(status: int, message: str, **headers: str) -> web.Response:
 
 class HttpFrontend:
     def __init__(self, api: InferenceAPI, metrics: Metrics, ready: Callable[[], bool],
-                 stopping: Callable[[], bool], authorizer: Authorizer, max_body_bytes: int) -> None:
+                 stopping: Callable[[], bool], authorizer: Authorizer, max_body_bytes: int, max_batch: int) -> None:
         self.api, self.metrics, self.ready, self.stopping, self.authorizer = api, metrics, ready, stopping, authorizer
+        self.max_batch, self.max_body_bytes = max_batch, max_body_bytes
         self.app = web.Application(middlewares=[self._around], client_max_size=max_body_bytes)
         model = "/v2/models/{model}"
         versioned = "/v2/models/{model}/versions/{version}"
@@ -119,16 +111,14 @@ class HttpFrontend:
             code = "CANCELLED"  # the client disconnected: aiohttp cancelled the handler
             raise
         except Exception as e:
-            status, message = status_of(e)
-            code = status.name
-            if not isinstance(e, ServingError):
-                log.error("%s failed", method, exc_info=e)
-            headers = {"WWW-Authenticate": "Bearer"} if status == grpc.StatusCode.UNAUTHENTICATED else {}
-            return error_response(HTTP_STATUS.get(status, 500), message, **headers)
+            code, status, message = describe(e, method)
+            headers = {"WWW-Authenticate": "Bearer"} if code == "UNAUTHENTICATED" else {}
+            return error_response(status, message, **headers)
         finally:
             in_flight.dec()
             self.metrics.duration.labels(method).observe(time.perf_counter() - start)
-            self.metrics.requests.labels(method, code).inc()
+            # a stream that failed after its status line was sent says how it ended in request["ended"]
+            self.metrics.requests.labels(method, request.get("ended", code)).inc()
 
     # ------------------------------------------------------------------ page, health, metadata
     async def page(self, request: web.Request) -> web.FileResponse:
@@ -166,8 +156,8 @@ class HttpFrontend:
                                   "outputs": spec(t.OUTPUTS.items())})
 
     async def model_ready(self, request: web.Request) -> web.Response:
+        ref = self._ref(request)  # a version that is no number is a bad request, not an unready model
         try:
-            ref = self._ref(request)
             served = self.api.registry.get(ref.name, ref.version)
         except ServingError:
             return web.json_response({"ready": False}, status=400)
@@ -180,13 +170,23 @@ class HttpFrontend:
             return await request.json(loads=json.loads)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InvalidRequest(f"the body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise InvalidRequest("the body nests JSON arrays or objects too deeply to read") from None
 
     async def infer(self, request: web.Request) -> web.Response:
         ref = self._ref(request)
         call, request_id = j.infer_from_json(await self._body(request), ref.name, request.match_info.get("version",
                                                                                                              ""))
-        served, values = await infer(self.api, call, None)
-        return web.json_response(j.response_to_json(served, request_id, values))
+        served, values = await infer(self.api, call, call.deadline(None), self.max_batch)
+        return self._answer(j.response_to_json(served, request_id, values))
+
+    def _answer(self, data) -> web.Response:
+        """A JSON answer within --max-message-bytes, as gRPC's answers are (its core refuses larger ones)."""
+        text = json.dumps(data)
+        if len(text) > self.max_body_bytes:
+            raise LimitExceeded(f"the answer would be {len(text):,} bytes, over the {self.max_body_bytes:,} of "
+                                "--max-message-bytes; ask for fewer rows or outputs, or fewer attention layers/heads")
+        return web.Response(text=text, content_type="application/json")
 
     async def _generate_call(self, request: web.Request, stream: bool) -> t.InferCall:
         return j.generate_from_json(await self._body(request), request.match_info["model"],
@@ -196,7 +196,7 @@ class HttpFrontend:
         c = await self._generate_call(request, stream=False)
         prediction = await self.api.predict(PredictRequest(c.model, c.sources[0], c.options, c.attention, None,
                                                            c.beam_size))
-        return web.json_response(j.prediction_json(prediction))
+        return self._answer(j.prediction_json(prediction))
 
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
         c = await self._generate_call(request, stream=True)
@@ -220,8 +220,9 @@ class HttpFrontend:
             except Exception as e:
                 if response is None:
                     raise
-                status, message = status_of(e)  # mid-stream: the status line is sent, so the error is an event
-                await response.write(f"event: error\ndata: {json.dumps({'error': message, 'code': status.name})}\n\n"
+                code, _, message = describe(e, "HTTP generate_stream")  # the status line is sent: an error event
+                request["ended"] = code
+                await response.write(f"event: error\ndata: {json.dumps({'error': message, 'code': code})}\n\n"
                                      .encode())
         await response.write_eof()
         return response
@@ -232,7 +233,7 @@ class HttpFrontend:
         if not isinstance(text, str):
             raise InvalidRequest("the encode body must be {\"text_input\": \"<source text>\"}")
         encoding = await self.api.encode(EncodeRequest(ModelRef(request.match_info["model"]), Source(text=text)))
-        return web.json_response(j.encoding_json(encoding))
+        return self._answer(j.encoding_json(encoding))
 
 
 def _ssl_context(security: SecurityConfig) -> ssl.SSLContext | None:

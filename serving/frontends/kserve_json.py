@@ -38,9 +38,26 @@ def _object(body: Any, what: str) -> dict:
     return body
 
 
+def _flattened(data: Any) -> list:
+    """A tensor's `data`, flat or nested lists of any shape, in row-major order (iteratively: no depth limit)."""
+    if not isinstance(data, list):
+        return [] if data is None else [data]
+    out: list = []
+    stack = [iter(data)]
+    while stack:
+        for x in stack[-1]:
+            if isinstance(x, list):
+                stack.append(iter(x))
+                break
+            out.append(x)
+        else:
+            stack.pop()
+    return out
+
+
 def _json_sources(tensor: dict, model: str) -> list[Source]:
     name, datatype = tensor.get("name"), tensor.get("datatype")
-    if name not in t.INPUTS:
+    if not isinstance(name, str) or name not in t.INPUTS:
         raise InvalidRequest(f"unexpected inference input '{name}' for model '{model}'; it takes TEXT (BYTES) or "
                              "SOURCE_IDS (INT64)")
     if datatype != t.INPUTS[name][0]:
@@ -49,18 +66,22 @@ def _json_sources(tensor: dict, model: str) -> list[Source]:
     shape, data = tensor.get("shape"), tensor.get("data")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise InvalidRequest(f"input '{name}': 'shape' must be a list of non-negative integers, got {shape!r}")
-    flat = np.asarray(data if data is not None else [], dtype=object).reshape(-1)  # nested lists flattened
-    if flat.size != int(np.prod(shape)):
-        raise InvalidRequest(f"input '{name}': {flat.size} values do not fill shape {shape}")
+    flat = _flattened(data)
+    if len(flat) != t.element_count(shape, name, model):
+        raise InvalidRequest(f"input '{name}': {len(flat)} values do not fill shape {shape}")
     if name == "TEXT":
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
             raise InvalidRequest(f"input 'TEXT' for model '{model}' must have shape [N] or [N, 1], got {shape}")
         if not all(isinstance(x, str) for x in flat):
             raise InvalidRequest("input 'TEXT' holds a value that is not a string")
         return [Source(text=x) for x in flat]
-    if len(shape) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
-        raise InvalidRequest(f"input 'SOURCE_IDS' for model '{model}' must be integers of shape [N, S], got {shape}")
-    ids = np.asarray(flat.tolist(), np.int64).reshape(tuple(shape))  # (N, S)
+    if len(shape) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and -2**63 <= x < 2**63
+                                  for x in flat):
+        raise InvalidRequest(f"input 'SOURCE_IDS' for model '{model}' must be INT64 integers of shape [N, S], got "
+                             f"shape {shape}")
+    if 0 in shape:
+        raise InvalidRequest(f"input 'SOURCE_IDS' for model '{model}' has shape {shape}: no rows, or rows of no token")
+    ids = np.asarray(flat, np.int64).reshape(tuple(shape))  # (N, S)
     return [Source(ids=tuple(int(x) for x in row if x >= 0)) for row in ids]
 
 
@@ -120,7 +141,7 @@ def generate_from_json(body: Any, model: str, version: str, stream: bool) -> t.I
     if "max_tokens" in params:  # Triton's LLM backends call it so
         params["max_new_tokens"] = params.pop("max_tokens")
     kind = params.pop("attention", "none")
-    if kind not in ATTENTION_CHOICES:
+    if not isinstance(kind, str) or kind not in ATTENTION_CHOICES:
         raise InvalidRequest(f"parameter 'attention' must be one of {', '.join(ATTENTION_CHOICES)}, got {kind!r}")
     beam = params.pop("beam_size", 0)
     if stream and isinstance(beam, int) and beam > 1:

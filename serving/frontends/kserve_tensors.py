@@ -6,16 +6,20 @@ CROSS_ATTENTION, DECODER_SELF_ATTENTION, ENCODER_SELF_ATTENTION FP32 [N, layers,
 Predict returns; zero-padded across the batch); EMBEDDINGS FP32 [N, S, d_model] and HIDDEN_STATES FP32
 [N, layers, S, d_model] (the Encode results). Without requested outputs: TEXT, TOKEN_IDS, LOGPROBS. Request
 parameters: max_new_tokens, temperature, top_k, top_p, seed, stop, beam_size, attention_layers,
-attention_heads (comma-separated indices), mean_over_heads. Wire protobuf is converted here and nowhere else.
+attention_heads (comma-separated indices), mean_over_heads (a boolean), timeout (microseconds, as Triton's). Wire
+protobuf is converted here and nowhere else.
 """
 
 from __future__ import annotations
 
+import math
 import struct
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from model_repository import parse_version
 from protos.attnserve.kserve.v2 import kserve_pb2 as pb
 
 from ..domain import AttentionSlice, AttentionSpec, DecodeOptions, ModelRef, Source
@@ -49,14 +53,46 @@ class InferCall:
     attention: AttentionSpec | None
     outputs: tuple[str, ...]
     empty_final: bool  # streaming: a last, empty response flagged final
+    timeout_s: float | None = None  # Triton's `timeout` parameter (microseconds on the wire)
+
+    def deadline(self, grpc_deadline: float | None) -> float | None:
+        """The earlier of the call's own deadline (gRPC's, as time.monotonic()) and the `timeout` parameter's."""
+        if self.timeout_s is None:
+            return grpc_deadline
+        own = time.monotonic() + self.timeout_s
+        return own if grpc_deadline is None else min(own, grpc_deadline)
 
 
 def version_of(text: str, model: str) -> int:
+    """A request's version string: empty for the latest, else the repository's own rule (ASCII digits, 1 and up)."""
     if not text:
         return 0
-    if not text.isdigit() or len(text) > 18:
-        raise InvalidRequest(f"model version {text!r} of '{model}' is not a version number")
-    return int(text)
+    version = parse_version(text)
+    if version is None:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise InvalidRequest(f"model version {shown!r} of '{model}' is not a version number (ASCII digits, 1 to "
+                             f"{2**63 - 1}); leave it empty for the latest")
+    return version
+
+
+def element_count(shape, name: str, model: str) -> int:
+    """The number of elements a tensor's shape holds, refusing negative sizes (the protocol's -1 means "any" in
+    metadata only, never in a request)."""
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims):
+        raise InvalidRequest(f"input '{name}' for model '{model}' has shape {dims}: every size must be 0 or more")
+    return math.prod(dims)  # Python integers: no int64 overflow for absurd shapes
+
+
+def flag(params: dict, name: str, default: bool = False) -> bool:
+    """A boolean parameter: bool_param (or a JSON boolean), or the strings true / false as some clients send."""
+    value = params.get(name, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise InvalidRequest(f"parameter '{name}' must be a boolean (bool_param, or \"true\" / \"false\"), got "
+                         f"{value!r}")
 
 
 def _param(p: pb.InferParameter):
@@ -86,7 +122,7 @@ def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
 
 def _texts(t, raw: bytes | None, model: str) -> list[Source]:
     elements = _bytes_elements(raw, t.name) if raw is not None else list(t.contents.bytes_contents)
-    count = int(np.prod(t.shape)) if len(t.shape) else 0
+    count = element_count(t.shape, t.name, model) if len(t.shape) else 0
     if len(t.shape) not in (1, 2) or (len(t.shape) == 2 and t.shape[1] != 1) or count != len(elements):
         raise InvalidRequest(f"input 'TEXT' for model '{model}' must have shape [N] or [N, 1] and hold N elements; "
                              f"got shape {list(t.shape)} with {len(elements)} elements")
@@ -99,12 +135,16 @@ def _texts(t, raw: bytes | None, model: str) -> list[Source]:
 def _ids(t, raw: bytes | None, model: str) -> list[Source]:
     if len(t.shape) != 2:
         raise InvalidRequest(f"input 'SOURCE_IDS' for model '{model}' must have shape [N, S], got {list(t.shape)}")
+    count = element_count(t.shape, t.name, model)
+    if 0 in t.shape:
+        raise InvalidRequest(f"input 'SOURCE_IDS' for model '{model}' has shape {list(t.shape)}: no rows, or rows of "
+                             "no token")
     if raw is not None:
-        if len(raw) != 8 * int(np.prod(t.shape)):
+        if len(raw) != 8 * count:
             raise InvalidRequest(f"input 'SOURCE_IDS': {len(raw)} raw bytes do not fill INT64 {list(t.shape)}")
         ids = np.frombuffer(raw, "<i8").reshape(tuple(t.shape))  # (N, S)
     else:
-        if len(t.contents.int64_contents) != int(np.prod(t.shape)):
+        if len(t.contents.int64_contents) != count:
             raise InvalidRequest(f"input 'SOURCE_IDS': {len(t.contents.int64_contents)} values do not fill "
                                  f"{list(t.shape)}")
         ids = np.asarray(t.contents.int64_contents, np.int64).reshape(tuple(t.shape))  # (N, S)
@@ -157,20 +197,26 @@ def infer_call(model: str, version: str, sources: list[Source], params: dict, ou
     kinds = frozenset(ATTENTION_OUTPUTS[o] for o in outputs if o in ATTENTION_OUTPUTS)
     attention = AttentionSpec(kinds, _indices(params.get("attention_layers", ""), "attention_layers"),
                               _indices(params.get("attention_heads", ""), "attention_heads"),
-                              bool(params.get("mean_over_heads", False))) if kinds else None
+                              flag(params, "mean_over_heads")) if kinds else None
     stop = params.get("stop")
     if stop_lists and isinstance(stop, list):
         if not all(isinstance(x, str) for x in stop):
             raise InvalidRequest(f"parameter 'stop' must be a string or a list of strings, got {stop!r}")
         stops = tuple(x for x in stop if x)
+    elif stop is None or isinstance(stop, str):
+        stops = (stop,) if stop else ()
     else:
-        stops = (str(stop),) if stop else ()
+        raise InvalidRequest(f"parameter 'stop' must be a string{' or a list of strings' if stop_lists else ''}, "
+                             f"got {stop!r}")
     options = DecodeOptions(max_new_tokens=params.get("max_new_tokens"), temperature=params.get("temperature"),
                             top_k=params.get("top_k"), top_p=params.get("top_p"), seed=params.get("seed"),
                             stop=stops)
+    timeout = params.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0):
+        raise InvalidRequest(f"parameter 'timeout' must be an integer of microseconds (0: none), got {timeout!r}")
     return InferCall(ModelRef(model, version_of(version, model)), sources, options,
                      int(params.get("beam_size", 0)), attention, outputs,
-                     bool(params.get("triton_enable_empty_final_response", False)))
+                     flag(params, "triton_enable_empty_final_response"), timeout / 1e6 if timeout else None)
 
 
 # ---------------------------------------------------------------------------------------------- outputs

@@ -21,6 +21,7 @@ from protos.attnserve.kserve.v2 import kserve_pb2 as pb
 from ..api.service import InferenceAPI
 from ..domain import EncodeRequest, FinishEvent, GenerateRequest, ModelRef, PredictRequest, TokenEvent
 from ..errors import InvalidRequest, ServingError
+from ..metrics import Metrics
 from . import convert
 from . import kserve_tensors as t
 from .status import status_of
@@ -39,8 +40,8 @@ def server_version() -> str:
 
 
 class KServeServicer:
-    def __init__(self, api: InferenceAPI, ready: Callable[[], bool], max_batch: int) -> None:
-        self.api, self.ready, self.max_batch = api, ready, max_batch
+    def __init__(self, api: InferenceAPI, ready: Callable[[], bool], max_batch: int, metrics: Metrics) -> None:
+        self.api, self.ready, self.max_batch, self.metrics = api, ready, max_batch, metrics
 
     # ------------------------------------------------------------------ health and metadata
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
@@ -50,8 +51,9 @@ class KServeServicer:
         return pb.ServerReadyResponse(ready=self.ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        version = t.version_of(request.version, request.name)  # no number: INVALID_ARGUMENT, not "unready"
         try:
-            served = self.api.registry.get(request.name, t.version_of(request.version, request.name))
+            served = self.api.registry.get(request.name, version)
         except ServingError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=served.healthy)
@@ -82,7 +84,8 @@ class KServeServicer:
                    for n, (dt, s) in t.INPUTS.items()],
             output=[pb.ModelOutput(name=n, data_type=_CONFIG_TYPES[dt], dims=s[1:])
                     for n, (dt, s) in t.OUTPUTS.items()],
-            model_transaction_policy=pb.ModelTransactionPolicy(decoupled=False))
+            # decoupled: ModelStreamInfer answers one request with a response per token (ModelInfer: one in all)
+            model_transaction_policy=pb.ModelTransactionPolicy(decoupled=True))
         for key, value in (("task", m.task), ("precision", m.precision), ("providers", ",".join(d.providers)),
                            ("streaming", "ModelStreamInfer: one response per generated token")):
             config.parameters[key].string_value = str(value)
@@ -91,7 +94,8 @@ class KServeServicer:
     # ------------------------------------------------------------------ inference
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         call = t.infer_from_pb(request)
-        served, values = await infer(self.api, call, convert.deadline_of(context.time_remaining()))
+        served, values = await infer(self.api, call, call.deadline(convert.deadline_of(context.time_remaining())),
+                                     self.max_batch)
         return t.response_to_pb(served, request.id, values)
 
     async def ModelStreamInfer(self, requests: AsyncIterator,
@@ -121,6 +125,8 @@ class KServeServicer:
                 task.cancel()
 
     async def _one_stream(self, request, context, out: asyncio.Queue) -> None:
+        """One request of a stream, counted in the metrics under its own code (the call's is OK while it goes on)."""
+        code = "OK"
         try:
             if not isinstance(request, pb.ModelInferRequest):
                 raise InvalidRequest(f"the request does not parse ({request.error})")
@@ -130,12 +136,19 @@ class KServeServicer:
                 raise InvalidRequest(
                     "ModelStreamInfer streams one TEXT or SOURCE_IDS row, greedy or sampled, with outputs among "
                     f"{', '.join(sorted(_STREAMED))}; use ModelInfer for batches, beam search and {extra or 'these'}")
-            await self._stream_tokens(request.id, call, convert.deadline_of(context.time_remaining()), out)
+            await self._stream_tokens(request.id, call, call.deadline(convert.deadline_of(context.time_remaining())),
+                                      out)
         except Exception as e:  # the request fails alone, as Triton reports it: the stream goes on
-            status, message = status_of(e)
+            status, message = status_of(e, "ModelStreamInfer request")
+            code = status.name
             await out.put(pb.ModelStreamInferResponse(
                 error_message=f"[{status.name}] {message}",
                 infer_response=pb.ModelInferResponse(id=getattr(request, "id", ""))))
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.metrics.requests.labels("ModelStreamInfer request", code).inc()
 
     async def _stream_tokens(self, request_id: str, call: t.InferCall, deadline, out: asyncio.Queue) -> None:
         """One response per token; the last is flagged final (or an empty final one follows, when asked)."""
@@ -168,16 +181,34 @@ class KServeServicer:
         return pb.ModelStreamInferResponse(infer_response=response)
 
 
-async def infer(api: InferenceAPI, call: t.InferCall, deadline: float | None) -> tuple[ModelRef, dict]:
+async def _whole(coros: list) -> list:
+    """Run a batch's rows together, admitted or failed as one: the first row to fail (refused by a limit, a bad
+    row) cancels the others, so no row keeps running for an answer nobody will read."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def infer(api: InferenceAPI, call: t.InferCall, deadline: float | None,
+                max_batch: int) -> tuple[ModelRef, dict]:
     """ModelInfer on the engine API, for gRPC and REST: a Predict per row (batched by the engine together), an
-    Encode per row when the Encode outputs are named; returns the model that answered and the output values."""
+    Encode per row when the Encode outputs are named; returns the model that answered and the output values.
+    A batch larger than the `max_batch_size` ModelConfig advertises is refused before any row runs."""
+    if len(call.sources) > max_batch:
+        raise InvalidRequest(f"a batch of {len(call.sources)} rows for model '{call.model.name}' is over its "
+                             f"max_batch_size of {max_batch} (ModelConfig); split it")
     wants_predict = any(o not in t.ENCODE_OUTPUTS for o in call.outputs)
     wants_encode = any(o in t.ENCODE_OUTPUTS for o in call.outputs)
-    predictions = await asyncio.gather(*(api.predict(PredictRequest(
-        call.model, s, call.options, call.attention, deadline, call.beam_size)) for s in call.sources)) \
+    predictions = await _whole([api.predict(PredictRequest(
+        call.model, s, call.options, call.attention, deadline, call.beam_size)) for s in call.sources]) \
         if wants_predict else []
-    encodings = await asyncio.gather(*(api.encode(EncodeRequest(call.model, s, deadline))
-                                       for s in call.sources)) if wants_encode else []
+    encodings = await _whole([api.encode(EncodeRequest(call.model, s, deadline))
+                              for s in call.sources]) if wants_encode else []
     served = (predictions or encodings)[0].served.model
     values: dict[str, np.ndarray | list[str]] = {}
     for name in call.outputs:

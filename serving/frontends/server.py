@@ -61,6 +61,7 @@ class ServerConfig:
     restart_seconds: float = 1.0  # delay before a dead engine is restarted (doubles per recent death, max 30 s)
     engine_processes: bool = True  # each model's engine in a process of its own; False: threads of this one
     engine_workers: int = 1  # decode batches each model steps at once (threads over one set of sessions)
+    engine_start_seconds: float = 600.0  # an engine process not ready by then fails its version's load
 
 
 class HealthServicer(health.aio.HealthServicer):
@@ -83,7 +84,8 @@ class App:
         self.health = HealthServicer()
         self.registry = ModelRegistry(RegistryConfig(cfg.repo, cfg.models, cfg.restart_seconds,
                                                      cfg.engine_processes), cfg.runner,
-                                      EngineConfig(cfg.max_batch, cfg.limits.max_queue_per_model, cfg.engine_workers),
+                                      EngineConfig(cfg.max_batch, cfg.limits.max_queue_per_model, cfg.engine_workers,
+                                                   cfg.engine_start_seconds),
                                       self.executor)
         self.api = InferenceAPI(self.registry, cfg.limits, self.executor, self.metrics)
         self.registry.add_listener(self._models_changed)
@@ -163,7 +165,7 @@ async def create_server(cfg: ServerConfig) -> App:
     interceptor = StatusInterceptor((SERVICE, kserve_v2.SERVICE), app.metrics, lambda: app.shutting_down, authorizer)
     server = grpc.aio.server(options=options, interceptors=[interceptor])
     pb_grpc.add_AttnServeServiceServicer_to_server(AttnServeServicer(app.api), server)
-    kserve_v2.add_to_server(kserve_v2.KServeServicer(app.api, app.serving, cfg.max_batch), server)
+    kserve_v2.add_to_server(kserve_v2.KServeServicer(app.api, app.serving, cfg.max_batch, app.metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     if cfg.security.reflection:
         _reflection(server)
@@ -184,7 +186,7 @@ async def create_server(cfg: ServerConfig) -> App:
         app.metrics_port = app.metrics.start(cfg.metrics_port, cfg.metrics_address)
     if cfg.http_port is not None:
         app.http = HttpFrontend(app.api, app.metrics, app.serving, lambda: app.shutting_down, authorizer,
-                                limits.max_message_bytes)
+                                limits.max_message_bytes, cfg.max_batch)
         app.http_port = await app.http.start(cfg.address.rsplit(":", 1)[0].strip("[]"), cfg.http_port, cfg.security,
                                              cfg.grace_seconds)
     await app.registry.refresh()

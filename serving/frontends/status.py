@@ -1,4 +1,5 @@
-"""The one place domain errors become gRPC status codes, applied to every RPC of our services by an interceptor.
+"""Domain errors as gRPC status codes (by the table in `serving.errors`), applied to every RPC of our services by an
+interceptor.
 
 The interceptor also refuses calls while the server shuts down, checks bearer tokens (security.py), turns
 requests that do not parse (e.g. a string field that is not valid UTF-8) into INVALID_ARGUMENT instead of grpc's
@@ -16,42 +17,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from ..errors import (
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidRequest,
-    LimitExceeded,
-    ModelFailure,
-    NotFound,
-    PermissionDenied,
-    ServingError,
-    Unauthenticated,
-    Unavailable,
-)
+from ..errors import InvalidRequest, Unavailable, describe
 from ..metrics import Metrics
 from .security import Authorizer
 
 log = logging.getLogger(__name__)
 
-STATUS = {
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    ModelFailure: grpc.StatusCode.INTERNAL,
-}
 
-
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Map any exception to (code, message); unknown errors are INTERNAL with their type, never a traceback."""
-    for kind in type(exc).__mro__:
-        if kind in STATUS:
-            return STATUS[kind], str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+def status_of(exc: BaseException, where: str = "a call") -> tuple[grpc.StatusCode, str]:
+    """Any exception as (code, message) by the one table of `serving.errors`; an unexpected one is INTERNAL with
+    an error id, logged there once with its traceback, never shown to the client."""
+    code, _, message = describe(exc, where)
+    return grpc.StatusCode[code], message
 
 
 class _Unparsable:
@@ -177,10 +154,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             if context.cancelled():  # the caller is gone (cancelled, or its deadline passed): nobody to answer
                 code = _ended_code(context, timeout)
                 raise asyncio.CancelledError() from e
-            status, message = status_of(e)
+            status, message = status_of(e, method)
             code = status.name
-            if not isinstance(e, ServingError):
-                log.error("%s failed", method, exc_info=e)
             try:
                 await context.abort(status, _clip(message))
             except grpc.aio.AbortError:

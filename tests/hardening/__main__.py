@@ -4,7 +4,7 @@ streams, and `attnserve serve` as a subprocess whose /proc and /metrics they rea
 tests/test_hardening.py runs bounded versions in CI; the documented long run prints a report and exits 1 on any
 failure:
 
-    python -m tests.hardening --fuzz 10000 --soak-minutes 10 [--repo DIR] [--seed 0]
+    python -m tests.hardening --fuzz 10000 --oip 10000 --soak-minutes 10 [--repo DIR] [--seed 0]
 
 Without --repo it trains and exports the tiny `tiny` and untrained `noisy` models of tests/conftest.py first
 (the `train` and `export` extras).
@@ -18,13 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from .runs import build_serving_repo, fuzz_with_server, soak_server
+from .runs import build_serving_repo, fuzz_oip_with_server, fuzz_with_server, soak_server
 from .soak import run_soak
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.hardening", description=__doc__.split("\n\n")[0])
     p.add_argument("--fuzz", type=int, default=10000, help="bad requests to send (0: no fuzz)")
+    p.add_argument("--oip", type=int, default=10000,
+                   help="cases per Open Inference Protocol surface (KServe v2 gRPC, HTTP) to send (0: none)")
     p.add_argument("--soak-minutes", type=float, default=10.0, help="0: no soak")
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -52,6 +54,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {line}")
             failed |= bool(report.failures or m["warm_up_failures"] or m["server_errors"]) or not same \
                 or abs(growth) > 0.05 or m["exit_code"] != 0
+        if args.oip:
+            t0 = time.monotonic()
+            report, m = fuzz_oip_with_server(repo, args.oip, args.seed)
+            growth = m["after"].rss_bytes / m["before"].rss_bytes - 1
+            same = list(m["known_good"].tokens) == list(m["known_good_after"].tokens)
+            print("\n".join(report.lines()))
+            print(f"  RSS before {m['before'].rss_bytes / 2**20:.1f} MiB, after {m['after'].rss_bytes / 2**20:.1f} "
+                  f"MiB ({growth:+.2%}); threads {m['before'].threads} -> {m['after'].threads}, fds "
+                  f"{m['before'].fds} -> {m['after'].fds}; known-good Predict after: "
+                  f"{'same answer' if same else 'DIFFERENT'}; server errors logged: {len(m['server_errors'])}; "
+                  f"exit code {m['exit_code']}; {time.monotonic() - t0:.0f} s")
+            for line in m["server_errors"][:20]:
+                print(f"    {line}")
+            failed |= bool(report.failures or m["server_errors"]) or not same or abs(growth) > 0.05 \
+                or m["exit_code"] != 0
         if args.soak_minutes:
             server = soak_server(repo, args.streams)
             try:

@@ -85,9 +85,10 @@ class ServerProcess:
     def _read(self) -> None:
         for line in self.proc.stdout:
             self.log.append(line)
-            found = re.search(r"\(port (\d+)\), metrics on (\d+)", line)
+            found = re.search(r"\(port (\d+)\), metrics on (\d+), HTTP on (\w+)", line)
             if found:
                 self.port, self.metrics_port = int(found.group(1)), int(found.group(2))
+                self.http_port = int(found.group(3)) if found.group(3).isdigit() else None
                 self.address = f"127.0.0.1:{self.port}"
                 self._ready.set()
         self._ready.set()  # exited before it listened

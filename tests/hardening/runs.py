@@ -6,11 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from protos.attnserve.v1 import attnserve_pb2_grpc as pb_grpc
 
 from .fuzz import Fuzzer, FuzzReport, run_fuzz
+from .fuzz_oip import OipFuzzer, OipReport, run_grpc, run_http
 from .process import ServerProcess, model_facts
 
 # ---------------------------------------------------------------------------------------------- the long run
@@ -61,6 +63,32 @@ def fuzz_with_server(repo: Path, n: int, seed: int = 0, warm_up: int = 200) -> t
         out["after"] = server.stats()
         with grpc.insecure_channel(server.address) as ch:
             out["known_good_after"] = pb_grpc.AttnServeServiceStub(ch).Predict(KNOWN_GOOD, timeout=30)
+    finally:
+        out["exit_code"] = server.stop()
+        out["server_errors"] = server.error_records()
+    return report, out
+
+
+def fuzz_oip_with_server(repo: Path, n: int, seed: int = 0) -> tuple[OipReport, dict]:
+    """The Open Inference Protocol fuzz, `n` cases over KServe v2 gRPC and `n` over HTTP, against a fresh server
+    subprocess; the known-good Predict, health and RSS before and after, the server's log and exit code."""
+    server = ServerProcess(repo, "--max-message-bytes", str(1 << 20), "--http-port", "0", env=FIXED_MMAP_THRESHOLD)
+    out: dict = {}
+    report = OipReport()
+    fuzzer = OipFuzzer(seed)
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            out["known_good"] = pb_grpc.AttnServeServiceStub(ch).Predict(KNOWN_GOOD, timeout=30)
+        warm = OipFuzzer(seed + 1)  # allocator high-water marks reached before the measured run, as in fuzz_with_server
+        run_grpc(server.address, warm.grpc_cases(200), OipReport())
+        run_http(server.http_port, warm.http_cases(200), OipReport())
+        out["before"] = server.stats()
+        run_grpc(server.address, fuzzer.grpc_cases(n), report)
+        run_http(server.http_port, fuzzer.http_cases(n), report)
+        out["after"] = server.stats()
+        with grpc.insecure_channel(server.address) as ch:
+            out["known_good_after"] = pb_grpc.AttnServeServiceStub(ch).Predict(KNOWN_GOOD, timeout=30)
+            out["health"] = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status
     finally:
         out["exit_code"] = server.stop()
         out["server_errors"] = server.error_records()
