@@ -154,7 +154,8 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
         write_manifest(staging, {
             "name": cfg.name, "version": version, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "model_config": mcfg, "tokenizer": TOKENIZER,
-            "special_ids": {"pad": mcfg["pad_id"], "bos": mcfg["bos_id"], "eos": mcfg["eos_id"], "unk": 3},
+            "special_ids": {"pad": mcfg["pad_id"], "bos": mcfg["bos_id"], "eos": mcfg["eos_id"],
+                            "unk": tok.unk_id},  # the tokenizer's own: an imported Marian's is not 3
             "task": ckpt_config.get("task"), "opset": cfg.opset, "precision": precision, "graphs": graphs_meta,
             "attention_blocks": blocks, "library_versions": _versions(),
             "source_checkpoint": {"path": str(cfg.checkpoint), "sha256": _checkpoint_hash(cfg.checkpoint)},

@@ -17,11 +17,11 @@ import transformers
 
 from bench.marian_model import SOURCE_WORDS, MarianShape, build_marian, sentences
 from export.pipeline import ExportConfig, export_checkpoint
+from model_repository.tokenizer import Detokenizer, tokenizer_from_dict
 from model_src.checkpoint import load_model
 from model_src.decoding import beam_search, generate, pad_batch
 from model_src.marian import MarianImportError, import_marian
 from serving.client import AttnServeClient
-from serving.engine.tokenizer import ServingTokenizer
 from tests.server_harness import start
 
 N_INPUTS, MAX_NEW = 64, 40
@@ -63,7 +63,7 @@ def _hf_tokens(row: torch.Tensor, m) -> list[int]:
 def test_tokenizers_are_id_for_id_transformers(request, which):
     marian = request.getfixturevalue(which)
     tok, hf_tok = marian["tok"], marian["hf_tok"]
-    serving = ServingTokenizer(tok.to_dict())
+    serving = tokenizer_from_dict(tok.to_dict())  # as the server reads tokenizer.json
     texts = [*sentences(SOURCE_WORDS, 200, seed=3), ">>fra<< the cat", "Hello, zebra! 42", "", "naïve café"]
     for text in texts:
         want = hf_tok(text)["input_ids"]
@@ -74,6 +74,9 @@ def test_tokenizers_are_id_for_id_transformers(request, which):
         ids = rng.integers(0, tok.vocab_size, size=rng.integers(0, 20)).tolist()
         want = hf_tok.decode(ids, skip_special_tokens=True)
         assert tok.decode(ids) == want and serving.decode(ids) == want, ids
+        detok = Detokenizer(serving)
+        pieces = [detok.add(i) for i in ids]
+        assert want.startswith("".join(pieces)) and detok.finish() == want, ids  # streamed a token at a time
 
 
 @BOTH
@@ -133,6 +136,8 @@ def test_imported_model_exports_and_serves_the_same_tokens_with_attention(marian
     model, hf, hf_tok = marian["model"], marian["hf"], marian["hf_tok"]
     repo = tmp_path / "repo"
     export_checkpoint(ExportConfig(checkpoint=marian["ckpt"], repo=repo, name="opus-tiny"), progress=lambda _: None)
+    special = json.loads((repo / "opus-tiny" / "1" / "manifest.json").read_text())["special_ids"]
+    assert special["unk"] == hf_tok.unk_token_id and special["pad"] == hf_tok.pad_token_id  # its own, not 3
     texts = marian["texts"][:8]
     batch = hf_tok(texts, return_tensors="pt", padding=True)
     want = [_hf_tokens(r, model) for r in hf.generate(**batch, num_beams=1, do_sample=False, max_new_tokens=MAX_NEW,

@@ -28,7 +28,7 @@ from ..domain import (
 )
 from .feeds import Row
 from .sampling import check_rows, choose, log_softmax, suppressed
-from .tokenizer import ServingTokenizer
+from .tokenizer import Detokenizer, ServingTokenizer
 
 
 def select(probs: np.ndarray, kind: str, spec: AttentionSpec, n_layers: int) -> list[AttentionSlice]:
@@ -145,6 +145,7 @@ class SequenceJob(Job):
     def __post_init__(self) -> None:
         if not self.params.greedy:
             self.rng = np.random.default_rng(self.params.seed)
+        self.detokenizer = Detokenizer(self.tokenizer)  # text a token at a time, not the whole output each step
 
     def stepped(self, step: StepOutput, first: int) -> list:
         row, p = self.rows[0], self.params
@@ -152,12 +153,13 @@ class SequenceJob(Job):
                                 self.shape.suppress_ids)
         self.first_token = self.first_token or step.now
         if token == self.shape.eos_id:
-            return [self._finish("eos", len(self.tokens), self.text, step.now, self.first_token)]
+            return [self._finish("eos", len(self.tokens), self.detokenizer.finish(), step.now, self.first_token)]
         attention = self._step_attention(step, first, row) if self.decoder_attention else []
         row.advance(step.out, first, token)
         before = self.text
         self.tokens.append(token)
-        self.text = self.tokenizer.extend(self.text, self.tokens)
+        self.detokenizer.add(token)
+        self.text = self.detokenizer.text
         index = len(self.tokens) - 1
         for stop in p.stop:
             cut = self.text.find(stop)
@@ -166,10 +168,11 @@ class SequenceJob(Job):
                 events = [TokenEvent(token, self.text[len(before):], logprob, index, attention)] \
                     if len(self.text) > len(before) else []
                 return [*events, self._finish("stop", len(self.tokens), self.text, step.now, self.first_token)]
-        events = [TokenEvent(token, self.text[len(before):], logprob, index, attention)]
         if len(self.tokens) >= p.max_new_tokens or len(self.tokens) + 1 >= self.shape.max_len:
-            events.append(self._finish("length", len(self.tokens), self.text, step.now, self.first_token))
-        return events
+            self.text = self.detokenizer.finish()  # the last token's event carries what a window held back
+            return [TokenEvent(token, self.text[len(before):], logprob, index, attention),
+                    self._finish("length", len(self.tokens), self.text, step.now, self.first_token)]
+        return [TokenEvent(token, self.text[len(before):], logprob, index, attention)]
 
 
 @dataclass
@@ -261,10 +264,12 @@ class BeamJob(Job):
         best, score, reason = max(self.finished, key=lambda f: f[1])
         if reason != "stop":
             best.text = self.tokenizer.decode(best.tokens)
-        events, before = [], ""
+        events, before, detokenizer = [], "", Detokenizer(self.tokenizer)
         for i, (tok, lp) in enumerate(zip(best.tokens, best.logprobs, strict=True)):
+            detokenizer.add(tok)
+            last = i == len(best.tokens) - 1
             # each token's text, clipped to the final text so the pieces add up to it when a stop string cut it
-            text = self.tokenizer.decode(best.tokens[: i + 1])[: len(best.text)]
+            text = (best.text if last else detokenizer.text)[: len(best.text)]
             events.append(TokenEvent(tok, text[len(before):], lp, i, best.attention[i] if best.attention else []))
             before = text
         return [*events, self._finish(reason, len(best.tokens), best.text, now, self.first_token, score)]

@@ -30,6 +30,7 @@ from model_repository import Manifest, RepositoryError, open_version
 from ..domain import FinishEvent
 from ..errors import LimitExceeded, Unavailable
 from . import host
+from . import tokenizer as tokenizers
 from .engine import EngineClosed, EngineConfig
 from .jobs import EncodeJob, Job
 from .runner import ModelLoadError, RunnerConfig
@@ -97,7 +98,7 @@ class ProcessModel:
             manifest = open_version(Path(path), verify_checksums=False)
         except RepositoryError as e:
             raise ModelLoadError(str(e)) from e
-        model = cls(Path(path), manifest, ServingTokenizer.load(manifest.file(manifest.tokenizer)), runner_cfg,
+        model = cls(Path(path), manifest, tokenizers.load(manifest.file(manifest.tokenizer)), runner_cfg,
                      engine_cfg)
         model.spawn()
         return model

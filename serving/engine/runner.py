@@ -27,9 +27,9 @@ from model_repository import (
 )
 
 from ..errors import FailedPrecondition
+from . import tokenizer as tokenizers
 from .binding import ResidentSources, run_bound
 from .feeds import decoder_feeds, encoder_feeds
-from .tokenizer import ServingTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class ModelRunner:
             raise ModelLoadError(str(e)) from e
         m = self.manifest
         self.name, self.version, self.shape = m.name, m.version, m.model
-        self.tokenizer = ServingTokenizer.load(m.file(m.tokenizer))
+        self.tokenizer = tokenizers.load(m.file(m.tokenizer))
         providers = resolve_providers(cfg)
         self.sessions = self._load_sessions(cfg, providers)
         self.inputs = {g: tuple(i.name for i in s.get_inputs()) for g, s in self.sessions.items()}
