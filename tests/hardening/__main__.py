@@ -22,6 +22,23 @@ from .runs import build_serving_repo, fuzz_oip_with_server, fuzz_with_server, so
 from .soak import run_soak
 
 
+def _report(report, m: dict, seconds: float) -> bool:
+    """Print a fuzz run and its server's state after it; True when it failed."""
+    growth = m["after"].rss_bytes / m["before"].rss_bytes - 1
+    same = list(m["known_good"].tokens) == list(m["known_good_after"].tokens)
+    print("\n".join(report.lines()))
+    print(f"  RSS before {m['before'].rss_bytes / 2**20:.1f} MiB, after {m['after'].rss_bytes / 2**20:.1f} "
+          f"MiB ({growth:+.2%}); threads {m['before'].threads} -> {m['after'].threads}, fds "
+          f"{m['before'].fds} -> {m['after'].fds}")
+    print(f"  known-good Predict after the fuzz: {'same answer' if same else 'DIFFERENT'} "
+          f"({m['known_good_after'].text!r}); server errors logged: {len(m['server_errors'])}; "
+          f"exit code {m['exit_code']}; {seconds:.0f} s")
+    for line in m["server_errors"][:20]:
+        print(f"    {line}")
+    return bool(report.failures or m.get("warm_up_failures") or m["server_errors"]) or not same \
+        or abs(growth) > 0.05 or m["exit_code"] != 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.hardening", description=__doc__.split("\n\n")[0])
     p.add_argument("--fuzz", type=int, default=10000, help="bad requests to send (0: no fuzz)")
@@ -38,37 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         if repo is None:
             print("building the tiny and noisy models ...", flush=True)
             repo = build_serving_repo(Path(tmp))
-        if args.fuzz:
-            t0 = time.monotonic()
-            report, m = fuzz_with_server(repo, args.fuzz, args.seed)
-            growth = m["after"].rss_bytes / m["before"].rss_bytes - 1
-            same = list(m["known_good"].tokens) == list(m["known_good_after"].tokens)
-            print("\n".join(report.lines()))
-            print(f"  RSS before {m['before'].rss_bytes / 2**20:.1f} MiB, after {m['after'].rss_bytes / 2**20:.1f} "
-                  f"MiB ({growth:+.2%}); threads {m['before'].threads} -> {m['after'].threads}, fds "
-                  f"{m['before'].fds} -> {m['after'].fds}")
-            print(f"  known-good Predict after the fuzz: {'same answer' if same else 'DIFFERENT'} "
-                  f"({m['known_good_after'].text!r}); server errors logged: {len(m['server_errors'])}; "
-                  f"exit code {m['exit_code']}; {time.monotonic() - t0:.0f} s")
-            for line in m["server_errors"][:20]:
-                print(f"    {line}")
-            failed |= bool(report.failures or m["warm_up_failures"] or m["server_errors"]) or not same \
-                or abs(growth) > 0.05 or m["exit_code"] != 0
-        if args.oip:
-            t0 = time.monotonic()
-            report, m = fuzz_oip_with_server(repo, args.oip, args.seed)
-            growth = m["after"].rss_bytes / m["before"].rss_bytes - 1
-            same = list(m["known_good"].tokens) == list(m["known_good_after"].tokens)
-            print("\n".join(report.lines()))
-            print(f"  RSS before {m['before'].rss_bytes / 2**20:.1f} MiB, after {m['after'].rss_bytes / 2**20:.1f} "
-                  f"MiB ({growth:+.2%}); threads {m['before'].threads} -> {m['after'].threads}, fds "
-                  f"{m['before'].fds} -> {m['after'].fds}; known-good Predict after: "
-                  f"{'same answer' if same else 'DIFFERENT'}; server errors logged: {len(m['server_errors'])}; "
-                  f"exit code {m['exit_code']}; {time.monotonic() - t0:.0f} s")
-            for line in m["server_errors"][:20]:
-                print(f"    {line}")
-            failed |= bool(report.failures or m["server_errors"]) or not same or abs(growth) > 0.05 \
-                or m["exit_code"] != 0
+        for n, run in ((args.fuzz, fuzz_with_server), (args.oip, fuzz_oip_with_server)):
+            if n:
+                t0 = time.monotonic()
+                report, m = run(repo, n, args.seed)
+                failed |= _report(report, m, time.monotonic() - t0)
         if args.soak_minutes:
             server = soak_server(repo, args.streams)
             try:
