@@ -25,9 +25,16 @@ from pathlib import Path
 from model_repository import list_models, list_versions, version_dir
 
 from ..errors import InvalidRequest, NotFound
-from .engine import Engine, EngineConfig
-from .process import EngineProcess, ProcessModel
-from .runner import ModelRunner, RunnerConfig
+from .engine import EngineConfig
+from .interface import (
+    ServedVersion,
+    ServingEngine,
+    discard_prepared,
+    load_version,
+    prepare_restart,
+    start_engine,
+)
+from .runner import RunnerConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +42,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class ServedModel:
     name: str  # the model's folder in the repository (the manifest's name must match it)
-    runner: ModelRunner | ProcessModel
-    engine: Engine | EngineProcess
+    runner: ServedVersion
+    engine: ServingEngine
     restarts: int = 0
     deaths: list[float] = field(default_factory=list)  # monotonic times of recent engine deaths
 
@@ -69,7 +76,7 @@ class ModelRegistry:
         self.models: dict[str, ServedModel] = {}
         self.failed: dict[tuple[str, int], tuple] = {}  # versions that did not load: (files' signature, why)
         self._warned: set[Path] = set()  # odd repository entries already logged: each is logged once
-        self._retired: list[Engine] = []  # engines finishing their last requests; joined on close
+        self._retired: list[ServingEngine] = []  # engines finishing their last requests; joined on close
         self._listeners: list[Callable[[], None]] = []
         self._tasks: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
@@ -147,26 +154,17 @@ class ModelRegistry:
         log.warning("unloading %s v%d: %s (requests in flight finish first)", name, served.runner.version, why)
         return f"{name} v{served.runner.version} unloaded"
 
-    def _load(self, path: Path) -> ModelRunner | ProcessModel:
-        if self.cfg.engine_processes:
-            return ProcessModel.load(path, self.runner_cfg, self.engine_cfg)
-        runner = ModelRunner(path, self.runner_cfg)
-        runner.warm_up()
-        return runner
+    def _load(self, path: Path) -> ServedVersion:
+        return load_version(path, self.runner_cfg, self.engine_cfg, self.cfg.engine_processes)
 
-    def _retire(self, engine: Engine) -> None:
+    def _retire(self, engine: ServingEngine) -> None:
         engine.retire()
         self._retired.append(engine)
 
-    def _engine(self, runner: ModelRunner | ProcessModel) -> Engine | EngineProcess:
-        if isinstance(runner, ProcessModel):
-            engine = runner.engine(on_death=self._engine_died)  # the process `_load` or `_restart` started
-        else:
-            engine = Engine(runner, self.engine_cfg, on_death=self._engine_died)
-        engine.start()
-        return engine
+    def _engine(self, runner: ServedVersion) -> ServingEngine:
+        return start_engine(runner, self.engine_cfg, self._engine_died)
 
-    def _engine_died(self, engine: Engine, reason: BaseException) -> None:
+    def _engine_died(self, engine: ServingEngine, reason: BaseException) -> None:
         """On the event loop: mark the model unhealthy now, restart its engine after a delay."""
         served = next((s for s in self.models.values() if s.engine is engine), None)
         if served is None:
@@ -181,20 +179,19 @@ class ModelRegistry:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _restart(self, served: ServedModel, dead: Engine, delay: float) -> None:
+    async def _restart(self, served: ServedModel, dead: ServingEngine, delay: float) -> None:
         await asyncio.sleep(delay)
         if served.engine is not dead or self.models.get(served.name) is not served:
             return  # swapped or unloaded meanwhile
-        if isinstance(served.runner, ProcessModel):
-            try:
-                await asyncio.get_running_loop().run_in_executor(self.executor, served.runner.spawn)
-            except Exception as e:  # its files changed or vanished meanwhile: count it as another death
-                log.error("could not restart the engine of %s v%d: %s", served.name, served.runner.version, e)
-                self._engine_died(dead, e)
-                return
-            if served.engine is not dead or self.models.get(served.name) is not served:
-                served.runner.discard()
-                return
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, prepare_restart, served.runner)
+        except Exception as e:  # its files changed or vanished meanwhile: count it as another death
+            log.error("could not restart the engine of %s v%d: %s", served.name, served.runner.version, e)
+            self._engine_died(dead, e)
+            return
+        if served.engine is not dead or self.models.get(served.name) is not served:
+            discard_prepared(served.runner)
+            return
         served.engine = self._engine(served.runner)
         served.restarts += 1
         log.info("engine of %s v%d restarted", served.runner.name, served.runner.version)
