@@ -2,13 +2,8 @@
 
 The server's process keeps the network (gRPC, its event loop, protobuf) and this process keeps the model work
 (ONNX Runtime, the engine's Python), so neither waits for the other's interpreter lock: on a 2-core machine the
-two run side by side instead of taking turns. They talk over one pipe (`multiprocessing` connection):
-
-    server -> engine   ("submit", job id, job class, spec)   ("cancel", job id)   ("retire",)
-    engine -> server   ("ready", providers) or ("failed", message), once, after loading and warming up
-                       ("events", [(job id, events)], stats)   once per iteration that has events or changed
-                       the engine's load; stats: steps, encoder passes, jobs waiting, load, session runs
-                       ("dead", message): the engine thread failed; the process then exits
+two run side by side instead of taking turns. They talk over one pipe (`multiprocessing` connection), in the
+typed messages of `messages.py`.
 
 The process ends when its engine has finished after a retire, when it died, or when the server's end of the pipe
 closes (the server exited or gave up on it). It ignores SIGINT: the server decides when it stops.
@@ -28,11 +23,11 @@ from pathlib import Path
 
 from ..errors import ServingError, logged
 from .engine import Engine, EngineConfig
-from .jobs import BeamJob, EncodeJob, Job, SequenceJob
+from .jobs import Job
+from .messages import Cancel, Dead, Events, Failed, FromEngine, Ready, Retire, Stats, Submit
 from .runner import ModelRunner, RunnerConfig
 
 log = logging.getLogger(__name__)
-JOB_TYPES: dict[str, type[Job]] = {cls.__name__: cls for cls in (SequenceJob, BeamJob, EncodeJob)}
 
 
 def _portable(event):
@@ -53,7 +48,7 @@ class HostedEngine(Engine):
     def start(self) -> None:
         self._start_threads()
 
-    def send(self, message: tuple) -> None:
+    def send(self, message: FromEngine) -> None:
         with self._lock, contextlib.suppress(OSError, ValueError):  # the server is gone: nobody to tell
             self.conn.send(message)
 
@@ -63,14 +58,14 @@ class HostedEngine(Engine):
         load = len(self.waiting) + len(self.active)
         if batch or load != self._last_load:  # the server also hears when a cancelled job has left
             self._last_load = load
-            self.send(("events", batch, self.stats()))
+            self.send(Events(batch, self.stats()))
 
-    def stats(self) -> dict:
-        return {"steps": self.steps, "encoder_passes": self.encoder_passes, "waiting": len(self.waiting),
-                "load": len(self.waiting) + len(self.active), "calls": dict(self.runner.calls)}
+    def stats(self) -> Stats:
+        return Stats(self.steps, self.encoder_passes, len(self.waiting), len(self.waiting) + len(self.active),
+                     dict(self.runner.calls))
 
     def _report_death(self, reason: BaseException) -> None:
-        self.send(("dead", f"{type(reason).__name__}: {reason}"))
+        self.send(Dead(f"{type(reason).__name__}: {reason}"))
 
 
 MMAP_THRESHOLD = 0  # bytes (ATTNSERVE_MMAP_THRESHOLD); 0: glibc's own, dynamic threshold
@@ -97,10 +92,10 @@ def main(conn: Connection, path: str, runner_cfg: RunnerConfig, engine_cfg: Engi
         runner = ModelRunner(Path(path), runner_cfg)
         runner.warm_up()
     except Exception as e:  # ModelLoadError or anything else: the server logs it and keeps what it serves
-        conn.send(("failed", str(e) if isinstance(e, ServingError) else f"{type(e).__name__}: {e}"))
+        conn.send(Failed(str(e) if isinstance(e, ServingError) else f"{type(e).__name__}: {e}"))
         return
     engine = HostedEngine(runner, engine_cfg, conn)
-    engine.send(("ready", runner.providers))
+    engine.send(Ready(runner.providers))
     engine.start()
     threading.Thread(target=_end_with, args=(engine, conn), daemon=True).start()
     by_id: weakref.WeakValueDictionary[int, Job] = weakref.WeakValueDictionary()  # the jobs the engine still holds
@@ -109,25 +104,24 @@ def main(conn: Connection, path: str, runner_cfg: RunnerConfig, engine_cfg: Engi
             message = conn.recv()
         except (EOFError, OSError):
             break  # the server closed its end: stop with it
-        kind = message[0]
-        if kind == "submit":
-            _, job_id, type_name, spec = message
+        if isinstance(message, Submit):
             try:
-                job = JOB_TYPES[type_name](**spec, shape=runner.shape, tokenizer=runner.tokenizer)
+                job = message.rebuild(runner.shape, runner.tokenizer)
             except Exception as e:  # a spec this engine cannot rebuild fails its own job, never the engine
-                engine.send(("events", [(job_id, [logged(e, f"job {job_id} of {engine.label}")])], engine.stats()))
+                error = logged(e, f"job {message.job_id} of {engine.label}")
+                engine.send(Events([(message.job_id, [error])], engine.stats()))
                 continue
-            by_id[job_id] = job
-            engine.ids[job] = job_id
+            by_id[message.job_id] = job
+            engine.ids[job] = message.job_id
             try:
                 engine.submit(job)
             except ServingError as e:
-                    engine.send(("events", [(job_id, [e])], engine.stats()))
-        elif kind == "cancel":
-            job = by_id.pop(message[1], None)
+                engine.send(Events([(message.job_id, [e])], engine.stats()))
+        elif isinstance(message, Cancel):
+            job = by_id.pop(message.job_id, None)
             if job is not None:
                 job.cancelled = True  # the engine drops it at its next iteration
-        elif kind == "retire":
+        elif isinstance(message, Retire):
             engine.retire()
     os._exit(0)  # no interpreter teardown racing the engine thread
 

@@ -33,6 +33,7 @@ from . import host
 from . import tokenizer as tokenizers
 from .engine import EngineClosed, EngineConfig
 from .jobs import EncodeJob, Job
+from .messages import Cancel, Dead, Events, Failed, FromEngine, Ready, Retire, Submit, ToEngine, kind_of
 from .runner import ModelLoadError, RunnerConfig
 from .tokenizer import ServingTokenizer
 
@@ -70,11 +71,12 @@ def _spawn(path: Path, runner_cfg: RunnerConfig, engine_cfg: EngineConfig) -> Ch
     except (EOFError, OSError) as e:
         process.join(5)
         raise ModelLoadError(f"{path}: the engine process exited (code {process.exitcode}) while loading") from e
-    if message[0] != "ready":
+    if not isinstance(message, Ready):
         process.join(5)
         ours.close()
-        raise ModelLoadError(message[1])
-    return Child(process, ours, tuple(message[1]))
+        raise ModelLoadError(message.message if isinstance(message, Failed) else f"{path}: the engine process "
+                             f"answered {type(message).__name__} while loading")
+    return Child(process, ours, tuple(message.providers))
 
 
 @dataclass(eq=False)
@@ -169,7 +171,7 @@ class EngineProcess:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.child.conn.fileno(), self._readable)
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: ToEngine) -> None:
         try:
             self.child.conn.send(message)
         except (OSError, ValueError) as e:
@@ -185,7 +187,7 @@ class EngineProcess:
             raise LimitExceeded(f"model {self.label} already has {waiting} requests waiting, the limit is "
                                 f"{self.cfg.max_queue} (max_queue_per_model); retry later")
         job_id = next(self._ids)
-        self._send(("submit", job_id, type(job).__name__, job.spec()))
+        self._send(Submit(job_id, kind_of(job), job.spec()))
         job.on_cancel = lambda _job: self._cancel(job_id)
         self._jobs[job_id] = job
         self._sent += 1
@@ -194,14 +196,14 @@ class EngineProcess:
     def _cancel(self, job_id: int) -> None:
         if self._jobs.pop(job_id, None) is not None and not self._ended:
             with contextlib.suppress(Unavailable):  # the process is gone; so is the job
-                self._send(("cancel", job_id))
+                self._send(Cancel(job_id))
 
     def retire(self) -> None:
         if not self._retired:
             self._retired = True
             if not self._ended:
                 with contextlib.suppress(Unavailable):
-                    self._send(("retire",))
+                    self._send(Retire())
 
     async def close(self, timeout: float = 30.0) -> None:
         """Retire and wait (at most `timeout`) for the process to finish what it holds; then make sure it ends."""
@@ -228,13 +230,13 @@ class EngineProcess:
         except (EOFError, OSError):
             self._end()
 
-    def _handle(self, message: tuple) -> None:
-        if message[0] == "events":
-            _, batch, stats = message
-            self.steps, self.encoder_passes, self._waiting = stats["steps"], stats["encoder_passes"], stats["waiting"]
-            self._load, self._sent = stats["load"], 0
-            self.runner.calls = Counter(stats["calls"])
-            for job_id, events in batch:
+    def _handle(self, message: FromEngine) -> None:
+        if isinstance(message, Events):
+            stats = message.stats
+            self.steps, self.encoder_passes, self._waiting = stats.steps, stats.encoder_passes, stats.waiting
+            self._load, self._sent = stats.load, 0
+            self.runner.calls = Counter(stats.calls)
+            for job_id, events in message.batch:
                 job = self._jobs.get(job_id)
                 if job is None:
                     continue  # cancelled here meanwhile
@@ -242,8 +244,8 @@ class EngineProcess:
                     job.queue.put_nowait(event)
                 if isinstance(job, EncodeJob) or isinstance(events[-1], FinishEvent | BaseException):
                     del self._jobs[job_id]
-        elif message[0] == "dead":
-            self.dead = RuntimeError(message[1])
+        elif isinstance(message, Dead):
+            self.dead = RuntimeError(message.message)
 
     def _end(self) -> None:
         """The pipe closed. After a retire with nothing left, that is the normal end; otherwise a failure."""
