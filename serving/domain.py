@@ -37,6 +37,17 @@ class Source:
     ids: tuple[int, ...] | None = None
 
 
+# The attention a request may ask for, by name: the one vocabulary of every protocol (attnserve.v1's
+# ATTENTION_KIND_* and HTTP's `attention` parameter map to these). A stream (Generate, generate_stream,
+# ModelStreamInfer) carries per-token attention: the encoder's self-attention, which belongs to no token, is
+# left out of streams whatever the name; Predict, generate and ModelInfer return it.
+ATTENTION_KINDS: dict[str, frozenset[str]] = {
+    "none": frozenset(), "cross": frozenset({"cross"}), "decoder_self": frozenset({"decoder_self"}),
+    "encoder_self": frozenset({"encoder_self"}), "self": frozenset({"decoder_self", "encoder_self"}),
+    "all": frozenset({"cross", "decoder_self", "encoder_self"}),
+}
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     kinds: frozenset[str]  # subset of model_repository.BLOCK_KINDS: encoder_self, decoder_self, cross

@@ -166,6 +166,21 @@ def test_bad_requests_get_json_errors_with_tritons_statuses(server, method, path
     assert request(server.app.http_port, "POST", "/v2/models/tiny/generate", {"text_input": "ab"})[0] == 200
 
 
+def test_attention_names_mean_the_same_over_http_and_grpc(server, grpc_client):
+    port = server.app.http_port
+    for kind in ("self", "all", "cross"):  # the names attnserve.v1 has too
+        status, answer, _ = request(port, "POST", "/v2/models/tiny/generate",
+                                    {"text_input": "hello", "parameters": {"attention": kind}})
+        assert status == 200, answer
+        want = grpc_client.predict("hello", model="tiny", attention=kind)
+        mine = {(a["kind"], a["layer"]): np.array(a["weights"]) for a in answer["attention"]}
+        theirs = {(a.kind, a.layer): np.array(a.weights) for a in want.attention}
+        assert mine.keys() == theirs.keys(), kind
+        assert any(k == "encoder_self" for k, _ in mine) == (kind in ("self", "all")), kind
+        for key, weights in theirs.items():
+            np.testing.assert_allclose(mine[key], weights, atol=1e-6)
+
+
 def test_mean_over_heads_false_as_a_string_means_false(server):
     body = lambda flag: {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["abc"]}],  # noqa: E731
                          "outputs": [{"name": "CROSS_ATTENTION"}], "parameters": {"mean_over_heads": flag}}

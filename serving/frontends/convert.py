@@ -13,6 +13,7 @@ import numpy as np
 from protos.attnserve.v1 import attnserve_pb2 as pb
 
 from ..domain import (
+    ATTENTION_KINDS,
     AttentionSlice,
     AttentionSpec,
     DecodeOptions,
@@ -30,12 +31,8 @@ from ..domain import (
 )
 from ..errors import InvalidRequest
 
-_KINDS = {
-    pb.ATTENTION_KIND_UNSPECIFIED: frozenset(),
-    pb.ATTENTION_KIND_CROSS: frozenset({"cross"}),
-    pb.ATTENTION_KIND_SELF: frozenset({"decoder_self", "encoder_self"}),
-    pb.ATTENTION_KIND_ALL: frozenset({"cross", "decoder_self", "encoder_self"}),
-}
+_KINDS = {pb.ATTENTION_KIND_UNSPECIFIED: ATTENTION_KINDS["none"], pb.ATTENTION_KIND_CROSS: ATTENTION_KINDS["cross"],
+          pb.ATTENTION_KIND_SELF: ATTENTION_KINDS["self"], pb.ATTENTION_KIND_ALL: ATTENTION_KINDS["all"]}
 _FINISH = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP}
 
 

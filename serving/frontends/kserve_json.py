@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..domain import (
+    ATTENTION_KINDS,
     AttentionSlice,
     Encoding,
     FinishEvent,
@@ -26,8 +27,7 @@ from ..domain import (
 from ..errors import InvalidRequest
 from . import kserve_tensors as t
 
-ATTENTION_CHOICES = {"none": frozenset(), "cross": frozenset({"cross"}), "decoder_self": frozenset({"decoder_self"}),
-                     "self": frozenset({"decoder_self"}), "all": frozenset({"cross", "decoder_self"})}
+ATTENTION_CHOICES = ATTENTION_KINDS  # the same names and meanings as attnserve.v1's kinds
 GENERATE_PARAMS = {"max_new_tokens", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "beam_size",
                    "attention", "attention_layers", "attention_heads", "mean_over_heads"}
 
