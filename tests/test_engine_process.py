@@ -1,6 +1,7 @@
 """Engines in processes of their own (the server's default): same answers as in-process engines, a killed
 engine process fails only its requests and comes back, swaps end the old process, nothing is left behind."""
 
+import asyncio
 import os
 import signal
 import time
@@ -199,3 +200,29 @@ def test_an_engine_process_that_does_not_get_ready_in_time_fails_the_load_and_is
     assert {p.pid for p in mp.active_children()} <= before  # the late process was stopped, not left behind
     model = ProcessModel.load(tiny_repo / "tiny" / "1", RunnerConfig(providers=("cpu",)), EngineConfig())
     model.discard()
+
+
+def test_a_stalled_engine_process_never_blocks_the_event_loop(serving_repo):
+    """With the engine process stopped (SIGSTOP) its pipe fills; sending to it must not block the server's loop."""
+    from serving.engine.messages import Cancel
+
+    s = start(serving_repo, engine_processes=True)
+    try:
+        engine = s.app.registry.get("tiny").engine
+        pid = _pid(s, "tiny")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            async def flood():
+                t0 = time.monotonic()
+                for i in range(20_000):  # ~0.5 MB of messages: far more than a pipe holds
+                    engine._send(Cancel(10**9 + i))
+                return time.monotonic() - t0
+
+            assert s.call(flood(), timeout=30) < 5.0
+            assert s.call(asyncio.sleep(0, result="loop free"), timeout=5) == "loop free"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        with AttnServeClient(s.address) as c:  # resumed, it reads the backlog and serves again
+            assert len(c.predict("abc", model="tiny", max_new_tokens=5, timeout=60).tokens) > 0
+    finally:
+        s.stop()

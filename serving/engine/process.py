@@ -18,6 +18,8 @@ import contextlib
 import itertools
 import logging
 import multiprocessing as mp
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -149,6 +151,11 @@ class EngineProcess:
         self.steps = self.encoder_passes = 0  # as of the last message
         self._waiting = self._load = 0  # jobs waiting in the engine, and all it holds, as of its last message ...
         self._sent = 0  # ... and jobs sent since
+        # Messages to the engine go through a writer thread: a pipe whose reader stalls (a hung process) fills,
+        # and a blocking send on the event loop would stall every call of the server.
+        self._outbox: queue.SimpleQueue[ToEngine | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name=f"attnserve-pipe-{self.label}", daemon=True)
+        self._broken = False  # a send failed: the process is gone
 
     @property
     def label(self) -> str:
@@ -170,12 +177,21 @@ class EngineProcess:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.child.conn.fileno(), self._readable)
+        self._writer.start()
 
     def _send(self, message: ToEngine) -> None:
-        try:
-            self.child.conn.send(message)
-        except (OSError, ValueError) as e:
-            raise Unavailable(f"model {self.label} is restarting after an engine failure; retry in a moment") from e
+        """Never blocks: the message is queued for the writer thread."""
+        if self._broken or self._ended:
+            raise Unavailable(f"model {self.label} is restarting after an engine failure; retry in a moment")
+        self._outbox.put(message)
+
+    def _write(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                self.child.conn.send(message)
+            except (OSError, ValueError):  # the process is gone; the reader sees the pipe close and says so
+                self._broken = True
+                return
 
     def submit(self, job: Job) -> Job:
         if self.dead is not None or (self._ended and not self._retired):
@@ -252,6 +268,7 @@ class EngineProcess:
         if self._ended:
             return
         self._ended = True
+        self._outbox.put(None)  # the writer stops
         self._loop.remove_reader(self.child.conn.fileno())
         self.child.conn.close()
         if self._retired and self.dead is None and not self._jobs:
