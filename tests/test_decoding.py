@@ -55,10 +55,24 @@ def test_bad_sampling_config_is_refused(kwargs):
         SamplingConfig(**kwargs)
 
 
+def _normalised_score(model, src: list[int], tokens: list[int]) -> float:
+    """Teacher-forced: the summed log-probability of `tokens` then <eos>, over their length (<eos> counted)."""
+    cfg = model.config
+    src_ids = torch.tensor([src])
+    tgt = torch.tensor([[cfg.bos_id, *tokens]])  # (1, T)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(src_ids, torch.ones_like(src_ids, dtype=torch.bool), tgt,
+                                       torch.ones_like(tgt, dtype=torch.bool)), dim=-1)[0]  # (T, V)
+    targets = [*tokens, cfg.eos_id]
+    return float(sum(logp[i, t] for i, t in enumerate(targets))) / len(targets)
+
+
 def test_beam_search_size_1_is_greedy_and_wider_beams_score_no_worse(model_and_sources):
     model, _, srcs = model_and_sources
     for src in srcs[:4]:
-        greedy = generate(model, [src], max_new_tokens=12)[0]
-        assert beam_search(model, src, beam_size=1, max_new_tokens=12)[0][0] == greedy
-        hyps = beam_search(model, src, beam_size=4, max_new_tokens=12)
-        assert hyps == sorted(hyps, key=lambda h: -h[1])
+        greedy = generate(model, [src], max_new_tokens=40)[0]
+        assert beam_search(model, src, beam_size=1, max_new_tokens=40)[0][0] == greedy
+        hyps = beam_search(model, src, beam_size=4, max_new_tokens=40)
+        best, score = hyps[0]
+        assert score == pytest.approx(_normalised_score(model, src, best), abs=1e-5)  # the score it reports is real
+        assert score >= _normalised_score(model, src, greedy) - 1e-6  # and no worse than greedy's

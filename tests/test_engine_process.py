@@ -179,7 +179,6 @@ def test_a_job_spec_the_engine_process_cannot_rebuild_fails_that_job_alone(servi
             s.call(submit_bad())
         assert _alive(pid) and _pid(s, "tiny") == pid  # the same engine process, still serving
         with AttnServeClient(s.address) as c:
-            assert c.predict("abc", model="tiny", max_new_tokens=5).text is not None
             assert len(c.predict("abc", model="tiny", max_new_tokens=5).tokens) > 0
     finally:
         s.stop()
