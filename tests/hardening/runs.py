@@ -16,26 +16,24 @@ from .fuzz_oip import OipFuzzer, OipReport, run_grpc, run_http
 from .process import ServerProcess, model_facts
 
 # ---------------------------------------------------------------------------------------------- the long run
-# glibc's mmap threshold is dynamic: once a large buffer (a 1 MiB request) is freed, later ones of that size come
-# from the heap, and whether RSS counts them depends on which one was freed last (+-4% between readings). Fixed, they
-# are mapped and unmapped each time, so RSS shows what the server keeps.
-FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+# The servers run with the allocator settings the product ships (glibc's own, dynamic mmap threshold): the memory
+# checks are about what a deployed server does. Measured with them (2,000 cases each, a one-minute soak of 64
+# streams): RSS +1.4% over the attnserve.v1 fuzz, +0.8% over the Open Inference Protocol fuzz, +0.7% over the soak's
+# last 80%, against the 5% the checks allow; a 200-case warm-up comes first, as a server's first hour would.
 
 
 def fuzz_server(repo: Path) -> ServerProcess:
     """The fuzz's server: max_message_bytes at 1 MiB, so oversized requests stay cheap to send."""
-    return ServerProcess(repo, "--max-message-bytes", str(1 << 20), env=FIXED_MMAP_THRESHOLD)
+    return ServerProcess(repo, "--max-message-bytes", str(1 << 20))
 
 
 def soak_server(repo: Path, streams: int, env: dict[str, str] | None = None) -> ServerProcess:
     """The soak's server: long streams up to 250 tokens. max_concurrent_streams is 1.5x the clients: a client
     that cancels opens its next stream before the server has seen the cancellation, so `streams` clients may
     briefly hold more than `streams` server slots (the documented limit refusing them is not under test here).
-    Its engine processes inherit FIXED_MMAP_THRESHOLD unless `env` says otherwise: the soak's RSS figure is then
-    what the server keeps, not the allocator's high-water marks (measured: the `noisy` engine settles ~65 MiB
-    lower, and a run's growth no longer depends on when the longest batch happened)."""
+    `env`: extra environment (e.g. ATTNSERVE_MMAP_THRESHOLD, which the README documents)."""
     return ServerProcess(repo, "--max-new-tokens", "250", "--max-concurrent-streams", str(streams * 3 // 2),
-                         env=FIXED_MMAP_THRESHOLD if env is None else env)
+                         env=env)
 
 
 KNOWN_GOOD = pb.PredictRequest(model=pb.ModelRef(name="tiny"), source=pb.Source(text="hello"),
@@ -72,7 +70,7 @@ def fuzz_with_server(repo: Path, n: int, seed: int = 0, warm_up: int = 200) -> t
 def fuzz_oip_with_server(repo: Path, n: int, seed: int = 0) -> tuple[OipReport, dict]:
     """The Open Inference Protocol fuzz, `n` cases over KServe v2 gRPC and `n` over HTTP, against a fresh server
     subprocess; the known-good Predict, health and RSS before and after, the server's log and exit code."""
-    server = ServerProcess(repo, "--max-message-bytes", str(1 << 20), "--http-port", "0", env=FIXED_MMAP_THRESHOLD)
+    server = ServerProcess(repo, "--max-message-bytes", str(1 << 20), "--http-port", "0")
     out: dict = {}
     report = OipReport()
     fuzzer = OipFuzzer(seed)
