@@ -96,7 +96,8 @@ def test_the_open_inference_protocol_fuzzer_is_seeded_and_covers_both_surfaces()
     assert [(c.method, c.path, c.body) for c in a.http_cases(200)] == [(c.method, c.path, c.body)
                                                                        for c in b.http_cases(200)]
     assert {c.kind for c in a.grpc_cases(300)} == {"infer", "stream", "metadata", "random-bytes"}
-    assert {c.kind for c in a.http_cases(300)} == {"json", "json-any", "deep", "truncated", "bytes", "huge"}
+    assert {c.kind for c in a.http_cases(300)} == {"json", "json-any", "deep", "truncated", "bytes", "huge",
+                                                   "vanish"}
     assert {"POST", "GET", "PUT"} <= {c.method for c in a.http_cases(300)}
 
 

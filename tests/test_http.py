@@ -262,3 +262,12 @@ def test_an_answer_over_max_message_bytes_is_refused_as_grpc_would(server):
     assert status == 429 and "--max-message-bytes" in payload["error"], payload
     status, payload, _ = request(server.app.http_port, "POST", "/v2/models/tiny/infer", body(1))
     assert status == 200 and payload["outputs"][0]["shape"][0] == 1
+
+
+def test_the_http_front_end_does_not_import_grpc():
+    import subprocess
+    import sys
+
+    probe = "import sys, serving.frontends.http_server; print(sorted(m for m in sys.modules if m.startswith('grpc')))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -233,7 +233,7 @@ def test_a_batch_fails_whole_and_its_other_rows_are_cancelled():
     import asyncio
 
     from serving.errors import LimitExceeded
-    from serving.frontends.kserve_v2 import _whole
+    from serving.frontends.oip import _whole
 
     cancelled = []
 

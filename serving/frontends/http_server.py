@@ -36,7 +36,7 @@ from ..errors import InvalidRequest, LimitExceeded, ServingError, Unavailable, d
 from ..metrics import Metrics
 from . import kserve_json as j
 from . import kserve_tensors as t
-from .kserve_v2 import PLATFORM, infer, server_version
+from .oip import PLATFORM, infer, server_version
 from .security import Authorizer, SecurityConfig
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from ..errors import FailedPrecondition, PermissionDenied, Unauthenticated
 
 MANAGEMENT_METHODS = frozenset({"ReloadModels"})  # every later management call joins this set
@@ -49,8 +47,11 @@ def _pem(path: Path, flag: str, kind: str) -> bytes:
     return data
 
 
-def server_credentials(cfg: SecurityConfig) -> grpc.ServerCredentials | None:
-    """TLS (or mutual TLS) credentials for the port, or None for plaintext."""
+def server_credentials(cfg: SecurityConfig):
+    """TLS (or mutual TLS) grpc.ServerCredentials for the gRPC port, or None for plaintext (grpc imported here:
+    the HTTP front end, which shares this module, does not need it)."""
+    import grpc
+
     if cfg.tls_cert is None and cfg.tls_key is None:
         if cfg.tls_client_ca is not None:
             raise FailedPrecondition("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS first")
