@@ -9,6 +9,7 @@ layer); `flat_feeds` and `grouped` turn that into the graph's names and back.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,6 +42,7 @@ def graph_outputs(graph: str, n_layers: int) -> tuple[str, ...]:
     return _expand(graph, _OUTPUTS[graph], n_layers)
 
 
+@functools.lru_cache(maxsize=1024)  # read for every input and output of every decoder step: parsed once per name
 def base_name(name: str) -> tuple[str, int | None]:
     """`present_k.3` -> ("present_k", 3); `logits` -> ("logits", None)."""
     base, _, layer = name.rpartition(".")

@@ -157,31 +157,36 @@ def test_engine_processes_with_two_workers_answer_concurrent_streams_as_one_work
         two.stop()
 
 
-def test_a_job_spec_the_engine_process_cannot_rebuild_fails_that_job_alone(serving_repo):
+@pytest.fixture
+def one_process(serving_repo):
+    """A server with engine processes, its `tiny` engine and that engine's process id; stopped afterwards."""
+    s = start(serving_repo, engine_processes=True)
+    try:
+        yield s, s.app.registry.get("tiny").engine, _pid(s, "tiny")
+    finally:
+        s.stop()
+
+
+def test_a_job_spec_the_engine_process_cannot_rebuild_fails_that_job_alone(one_process):
     from serving.domain import DecodeParams
     from serving.engine.engine import Engine
     from serving.engine.jobs import SequenceJob
     from serving.errors import InternalError
 
-    s = start(serving_repo, engine_processes=True)
-    try:
-        engine = s.app.registry.get("tiny").engine
-        pid = _pid(s, "tiny")
-        runner = s.app.registry.get("tiny").runner
+    s, engine, pid = one_process
+    runner = s.app.registry.get("tiny").runner
 
-        async def submit_bad():
-            job = SequenceJob([5, 6, 7], runner.manifest.model, runner.tokenizer, params=DecodeParams(max_new_tokens=5))
-            job.spec = lambda: {"source": [5, 6, 7], "no_such_field": 1}  # what a mismatched child cannot take
-            engine.submit(job)
-            return [ev async for ev in Engine.events(job)]
+    async def submit_bad():
+        job = SequenceJob([5, 6, 7], runner.manifest.model, runner.tokenizer, params=DecodeParams(max_new_tokens=5))
+        job.spec = lambda: {"source": [5, 6, 7], "no_such_field": 1}  # what a mismatched child cannot take
+        engine.submit(job)
+        return [ev async for ev in Engine.events(job)]
 
-        with pytest.raises(InternalError, match="error id [0-9a-f]{12}"):
-            s.call(submit_bad())
-        assert _alive(pid) and _pid(s, "tiny") == pid  # the same engine process, still serving
-        with AttnServeClient(s.address) as c:
-            assert len(c.predict("abc", model="tiny", max_new_tokens=5).tokens) > 0
-    finally:
-        s.stop()
+    with pytest.raises(InternalError, match="error id [0-9a-f]{12}"):
+        s.call(submit_bad())
+    assert _alive(pid) and _pid(s, "tiny") == pid  # the same engine process, still serving
+    with AttnServeClient(s.address) as c:
+        assert len(c.predict("abc", model="tiny", max_new_tokens=5).tokens) > 0
 
 
 def test_an_engine_process_that_does_not_get_ready_in_time_fails_the_load_and_is_stopped(tiny_repo):
@@ -201,27 +206,22 @@ def test_an_engine_process_that_does_not_get_ready_in_time_fails_the_load_and_is
     model.discard()
 
 
-def test_a_stalled_engine_process_never_blocks_the_event_loop(serving_repo):
+def test_a_stalled_engine_process_never_blocks_the_event_loop(one_process):
     """With the engine process stopped (SIGSTOP) its pipe fills; sending to it must not block the server's loop."""
     from serving.engine.messages import Cancel
 
-    s = start(serving_repo, engine_processes=True)
+    s, engine, pid = one_process
+    os.kill(pid, signal.SIGSTOP)
     try:
-        engine = s.app.registry.get("tiny").engine
-        pid = _pid(s, "tiny")
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            async def flood():
-                t0 = time.monotonic()
-                for i in range(20_000):  # ~0.5 MB of messages: far more than a pipe holds
-                    engine._send(Cancel(10**9 + i))
-                return time.monotonic() - t0
+        async def flood():
+            t0 = time.monotonic()
+            for i in range(20_000):  # ~0.5 MB of messages: far more than a pipe holds
+                engine._send(Cancel(10**9 + i))
+            return time.monotonic() - t0
 
-            assert s.call(flood(), timeout=30) < 5.0
-            assert s.call(asyncio.sleep(0, result="loop free"), timeout=5) == "loop free"
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        with AttnServeClient(s.address) as c:  # resumed, it reads the backlog and serves again
-            assert len(c.predict("abc", model="tiny", max_new_tokens=5, timeout=60).tokens) > 0
+        assert s.call(flood(), timeout=30) < 5.0
+        assert s.call(asyncio.sleep(0, result="loop free"), timeout=5) == "loop free"
     finally:
-        s.stop()
+        os.kill(pid, signal.SIGCONT)
+    with AttnServeClient(s.address) as c:  # resumed, it reads the backlog and serves again
+        assert len(c.predict("abc", model="tiny", max_new_tokens=5, timeout=60).tokens) > 0

@@ -28,11 +28,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from model_repository import Manifest, RepositoryError, open_version
+from model_repository.tokenizer import load_tokenizer
 
 from ..domain import FinishEvent
 from ..errors import LimitExceeded, Unavailable
 from . import host
-from . import tokenizer as tokenizers
 from .engine import EngineClosed, EngineConfig
 from .jobs import EncodeJob, Job
 from .messages import Cancel, Dead, Events, Failed, FromEngine, Ready, Retire, Submit, ToEngine, kind_of
@@ -102,7 +102,7 @@ class ProcessModel:
             manifest = open_version(Path(path), verify_checksums=False)
         except RepositoryError as e:
             raise ModelLoadError(str(e)) from e
-        model = cls(Path(path), manifest, tokenizers.load(manifest.file(manifest.tokenizer)), runner_cfg,
+        model = cls(Path(path), manifest, load_tokenizer(manifest.file(manifest.tokenizer)), runner_cfg,
                      engine_cfg)
         model.spawn()
         return model

@@ -25,9 +25,9 @@ from model_repository import (
     grouped,
     open_version,
 )
+from model_repository.tokenizer import load_tokenizer
 
 from ..errors import FailedPrecondition
-from . import tokenizer as tokenizers
 from .binding import ResidentSources, run_bound
 from .feeds import decoder_feeds, encoder_feeds
 
@@ -138,7 +138,7 @@ class ModelRunner:
             raise ModelLoadError(str(e)) from e
         m = self.manifest
         self.name, self.version, self.shape = m.name, m.version, m.model
-        self.tokenizer = tokenizers.load(m.file(m.tokenizer))
+        self.tokenizer = load_tokenizer(m.file(m.tokenizer))
         providers = resolve_providers(cfg)
         self.sessions = self._load_sessions(cfg, providers)
         self.inputs = {g: tuple(i.name for i in s.get_inputs()) for g, s in self.sessions.items()}
@@ -191,11 +191,16 @@ class ModelRunner:
         return self.shape.eos_id
 
     def _run(self, graph: str, feeds: dict) -> dict:
-        """Feeds by the contract's names (a per-layer cache as one sequence of layers); outputs likewise."""
+        """Feeds by the contract's names (a per-layer cache as one sequence of layers); outputs likewise. Decoder
+        steps of a bound runner go through IO binding, their present keys/values left on the device."""
         with self._calls_lock:  # engine workers run graphs concurrently
             self.calls[graph] += 1
-        session = self.sessions[graph]
-        return grouped(session.output_names, session.run(None, flat_feeds(self.inputs[graph], feeds)))
+        s = self.sessions[graph]
+        if self.bound and graph.startswith("decoder"):
+            values = run_bound(s.session, self.inputs[graph], s.output_names, feeds, self.device, self.resident)
+        else:
+            values = s.run(None, flat_feeds(self.inputs[graph], feeds))
+        return grouped(s.output_names, values)
 
     def run_encoder(self, sources: list[list[int]], attention: bool) -> dict[str, np.ndarray]:
         """One encoder pass over right-padded sources: cross_k/v (L, B, nh, S, hs), and the extras with attention."""
@@ -205,14 +210,7 @@ class ModelRunner:
     def run_decoder(self, feeds: dict, attention: bool) -> dict:
         """One decoder step: logits (B, V), present_k/v as L arrays (B, nh, P+1, hs), and attention when asked.
         Bound (`io_binding`), present_k/v are OrtValues on the runner's device, fed back as they are."""
-        graph = "decoder_attn" if attention else "decoder"
-        if not self.bound:
-            return self._run(graph, feeds)
-        with self._calls_lock:
-            self.calls[graph] += 1
-        s = self.sessions[graph]
-        values = run_bound(s.session, self.inputs[graph], s.output_names, feeds, self.device, self.resident)
-        return grouped(s.output_names, values)
+        return self._run("decoder_attn" if attention else "decoder", feeds)
 
     def warm_up(self) -> None:
         """Run every graph once so the first request pays no lazy initialisation."""

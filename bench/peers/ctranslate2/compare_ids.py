@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from export.validate import ort_greedy, session
     from model_repository import open_version
-    from serving.engine import tokenizer as tokenizers
+    from model_repository.tokenizer import load_tokenizer
 
     peer = json.loads(args.tokens.read_text(encoding="utf-8"))
     others = {"transformers": peer["reference"]["ids"], "CTranslate2 fp32": peer.get("ct2_fp32"),
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     first = None
     for version in args.versions:
         manifest = open_version(version)
-        tok = tokenizers.load(manifest.file(manifest.tokenizer))
+        tok = load_tokenizer(manifest.file(manifest.tokenizer))
         sessions = {g: session(manifest.file(manifest.graphs[g].file)) for g in ("encoder", "decoder")}
         sources = [tok.encode(t) for t in peer["texts"]]
         ids = ort_greedy(sessions, manifest.model_config, sources, peer["max_new_tokens"])
