@@ -26,6 +26,7 @@ from model_repository import (
     version_dir,
     write_manifest,
 )
+from model_src.alignment_eval import alignment_record
 from model_src.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_model
 from model_src.tasks import task_of_checkpoint
 
@@ -54,6 +55,7 @@ class ExportConfig:
     max_new_tokens: int = 48
     seed: int = 0
     tolerances: Tolerances = field(default_factory=Tolerances)
+    alignment_pairs: int = 500  # validation pairs the alignment method is chosen on, test pairs it is measured on
 
 
 def _versions() -> dict:
@@ -109,7 +111,7 @@ def _io_spec(model: onnx.ModelProto) -> dict:
 def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print) -> Path:
     """Run the whole export; returns the published version folder. Leaves the repository untouched on failure."""
     t0 = time.monotonic()
-    progress(f"[1/6] loading checkpoint {cfg.checkpoint}")
+    progress(f"[1/7] loading checkpoint {cfg.checkpoint}")
     model, tok, ckpt_config = load_model(cfg.checkpoint)
     mcfg = model.config.to_dict()
     version, staging = prepare(cfg.repo, cfg.name, cfg.version)
@@ -117,7 +119,7 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
         paths = {name: staging / f"{name}.onnx" for name in GRAPH_NAMES}
         graphs_meta, blocks = {}, []
         for i, (name, path) in enumerate(paths.items(), start=1):
-            progress(f"[2/6] exporting graph {i}/4: {name}")
+            progress(f"[2/7] exporting graph {i}/4: {name}")
             export_graph(model, name, path, cfg.opset)
             proto = onnx.load(str(path))
             tag_blocks(proto)
@@ -129,25 +131,28 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
             onnx.save(proto, str(path))
             graphs_meta[name] = {"file": path.name, **_io_spec(proto)}
             blocks += [b.to_dict() for b in found]
-        progress("[3/6] onnx.checker full check")
+        progress("[3/7] onnx.checker full check")
         check_graphs(paths)
         sessions = {name: session(path, provider=cfg.validate_on) for name, path in paths.items()}
         held = _held_out(ckpt_config, tok, model.config.src_vocab_size,
                          max(cfg.parity_inputs, cfg.greedy_inputs), cfg.seed)
-        progress(f"[4/6] parity with PyTorch on {cfg.parity_inputs} held-out inputs (batches of 16, padded)")
+        progress(f"[4/7] parity with PyTorch on {cfg.parity_inputs} held-out inputs (batches of 16, padded)")
         report = {"parity": parity(model, sessions, [s for s, _ in held[:cfg.parity_inputs]],
                                    max_steps=cfg.max_new_tokens),
                   "tolerances": asdict(cfg.tolerances)}
-        progress(f"[5/6] greedy decoding, PyTorch vs ONNX Runtime, on {cfg.greedy_inputs} held-out inputs")
+        progress(f"[5/7] greedy decoding, PyTorch vs ONNX Runtime, on {cfg.greedy_inputs} held-out inputs")
         report["greedy"] = greedy_agreement(model, sessions, [s for s, _ in held[:cfg.greedy_inputs]],
                                             cfg.max_new_tokens)
         enforce(report, cfg.tolerances)
         precision = cfg.quantize or "fp32"
         if cfg.quantize:
-            progress(f"[6/6] {cfg.quantize} quantization and its quality gate against fp32 on {len(held)} inputs")
+            progress(f"[6/7] {cfg.quantize} quantization and its quality gate against fp32 on {len(held)} inputs")
             report["quantization"], sessions = _quantize(paths, sessions, mcfg, held, tok, cfg)
         else:
-            progress("[6/6] no quantization requested")
+            progress("[6/7] no quantization requested")
+        progress(f"[7/7] alignment: the heads that align best on {cfg.alignment_pairs} held-out pairs' gold")
+        alignment = alignment_record(model, tok, task_of_checkpoint(ckpt_config), cfg.alignment_pairs,
+                                     cfg.alignment_pairs, progress)
         report["weights"] = _share(paths, staging, sessions, mcfg, [s for s, _ in held[:16]], cfg, progress)
         report["validated_on"] = cfg.validate_on
         shutil.copy(cfg.checkpoint / ckpt_config.get("tokenizer", TOKENIZER), staging / TOKENIZER)
@@ -159,7 +164,7 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
             "task": ckpt_config.get("task"), "opset": cfg.opset, "precision": precision, "graphs": graphs_meta,
             "attention_blocks": blocks, "library_versions": _versions(),
             "source_checkpoint": {"path": str(cfg.checkpoint), "sha256": _checkpoint_hash(cfg.checkpoint)},
-            "validation": report, "export_seconds": round(time.monotonic() - t0, 1)})
+            "validation": report, "alignment": alignment, "export_seconds": round(time.monotonic() - t0, 1)})
         final = publish(staging, cfg.repo, cfg.name, version)
     except BaseException:
         discard(staging)

@@ -215,6 +215,10 @@ class Manifest:
     library_versions: dict
     source_checkpoint: dict | None
     export_seconds: float | None
+    # How outputs are aligned to sources: {"method": {"heads": [[layer, head], ...], "shift": 0 | 1},
+    # "chosen_by": "gold" | "default", "measured": figures against the task's gold or null}; absent in versions
+    # exported before alignments, which serving aligns by the default method (model_repository.alignment).
+    alignment: dict | None = None
 
     @classmethod
     def from_dict(cls, data: dict, path: Path) -> Manifest:
@@ -245,11 +249,12 @@ class Manifest:
         seconds, field = r.take(data, "", "export_seconds", "a number of seconds or null", None)
         if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float)):
             r.fail(field, "a number of seconds or null", seconds)
+        shape = ModelShape._read(r, config)
         return cls(
             path=path, format_version=fmt, name=r.string(data, "", "name"),
             version=r.integer(data, "", "version", 1, MAX_VERSION),
             created=r.string(data, "", "created", "", blank=True),
-            model=ModelShape._read(r, config), model_config=dict(config), tokenizer=r.string(data, "", "tokenizer"),
+            model=shape, model_config=dict(config), tokenizer=r.string(data, "", "tokenizer"),
             special_ids=dict(special_ids), task=r.string(data, "", "task", None, nullable=True),
             opset=r.integer(data, "", "opset", 1), precision=r.string(data, "", "precision"), graphs=graphs,
             attention_blocks=tuple(AttentionBlock._read(r, b, f"attention_blocks[{i}]", graphs)
@@ -257,7 +262,8 @@ class Manifest:
             files=dict(files), validation=dict(r.mapping(data, "", "validation")),
             library_versions=dict(r.mapping(data, "", "library_versions", default={})),
             source_checkpoint=r.mapping(data, "", "source_checkpoint", None, nullable=True),
-            export_seconds=None if seconds is None else float(seconds))
+            export_seconds=None if seconds is None else float(seconds),
+            alignment=_alignment(r, data, shape))
 
     def to_dict(self) -> dict:
         """JSON-ready, in the order export writes it; from_dict(to_dict()) gives this manifest back."""
@@ -268,11 +274,31 @@ class Manifest:
                 "attention_blocks": [b.to_dict() for b in self.attention_blocks],
                 "library_versions": dict(self.library_versions), "source_checkpoint": self.source_checkpoint,
                 "validation": dict(self.validation), "export_seconds": self.export_seconds,
-                "files": dict(self.files)}
+                **({"alignment": self.alignment} if self.alignment is not None else {}), "files": dict(self.files)}
 
     def file(self, relative: str) -> Path:
         """A file of this version, e.g. `m.file(m.graphs["decoder"].file)`; refuses paths that leave the folder."""
         return contained(self.path.parent, relative, "file", self.path)
+
+
+def _alignment(r: _Reader, data: dict, shape: ModelShape) -> dict | None:
+    section = r.mapping(data, "", "alignment", None, nullable=True)
+    if section is None:
+        return None
+    method = r.mapping(section, "alignment", "method")
+    heads = r.items(method, "alignment.method", "heads")
+    for i, pair in enumerate(heads):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in pair)
+                and 0 <= pair[0] < shape.n_decoder_layers and 0 <= pair[1] < shape.n_heads):
+            r.fail(f"alignment.method.heads[{i}]", f"[layer 0..{shape.n_decoder_layers - 1}, head "
+                                                    f"0..{shape.n_heads - 1}]", pair)
+    if not heads:
+        r.fail("alignment.method.heads", "a non-empty list of [layer, head]", heads)
+    r.integer(method, "alignment.method", "shift", 0, 1)
+    r.string(section, "alignment", "chosen_by")
+    r.mapping(section, "alignment", "measured", None, nullable=True)
+    return dict(section)
 
 
 def read_manifest(version_dir: Path) -> dict:

@@ -41,6 +41,10 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         return [self._index.get(c, UNK_ID) for c in text]
 
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """Each token of `encode(text)` as the [start, end) character offsets it covers in `text`."""
+        return [(i, i + 1) for i in range(len(text))]
+
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.vocab[i] for i in ids if i >= len(SPECIALS) and i < len(self.vocab))
 
@@ -79,6 +83,10 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """Each token of `encode(text)` as the [start, end) character offsets it covers in `text`."""
+        return [tuple(o) for o in self._tok.encode(text, add_special_tokens=False).offsets]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([i for i in ids if i >= len(SPECIALS)])
@@ -124,6 +132,24 @@ class MarianTokenizer:
             code, text = [text[: end + 2]], text[end + 2:]
         pieces = code + self._source.encode(text, out_type=str)
         return [self._index.get(p, self.unk_id) for p in pieces] + [self.eos_id]
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """Each token of `encode(text)` as the [start, end) character offsets it covers in `text`: a language
+        code its own text, a piece its surface (a lone word-boundary piece covers nothing), </s> nothing."""
+        spans, offset = [], 0
+        if text.startswith(">>") and (end := text.find("<<")) != -1:
+            spans, offset, text = [(0, end + 2)], end + 2, text[end + 2:]
+        data = text.encode("utf-8")
+        chars = [0] * (len(data) + 1)  # byte offset -> character offset
+        at = 0
+        for i, ch in enumerate(text):
+            n = len(ch.encode("utf-8"))
+            chars[at:at + n] = [i] * n
+            at += n
+        chars[len(data)] = len(text)
+        for piece in self._source.encode(text, out_type="proto").pieces:
+            spans.append((offset + chars[piece.begin], offset + chars[piece.end]))
+        return [*spans, (offset + len(text), offset + len(text))]
 
     def encode_target(self, text: str) -> list[int]:
         """A target text as training labels: target SentencePiece pieces in the target vocabulary, no </s>."""

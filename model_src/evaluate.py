@@ -17,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnserve evaluate", description=__doc__)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--data", type=Path, help="TSV corpus the checkpoint was trained on (default: its task)")
+    p.add_argument("--alignment", action="store_true",
+                   help="measure alignments against the task's gold instead: choose the heads on the validation "
+                        "split, then report links aligned, precision, recall, AER and markup on each test set")
+    p.add_argument("--pairs", type=int, default=1000, help="pairs per split for --alignment (default 1000)")
     p.add_argument("--split", help="validation, test or one of the task's other held-out sets (dates: test_years); "
                    "default: test and every other held-out set")
     args = p.parse_args(argv)
@@ -34,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attnserve evaluate: error: unknown split {args.split!r}; {task.name} has {', '.join(splits)}",
               file=sys.stderr)
         return 2
-    for name in [args.split] if args.split else ["test", *task.extra_tests]:
+    names = [args.split] if args.split else ["test", *task.extra_tests]
+    if args.alignment:
+        return _alignment(model, tok, task, {n: splits[n] for n in names}, args.pairs)
+    for name in names:
         pairs = encode_pairs(tok, splits[name])
         start = time.monotonic()
         corpus = config.get("data") is not None or args.data is not None  # BLEU and chrF for user corpora
@@ -43,4 +50,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{task.name} {name} split ({len(pairs)} held-out pairs): exact match {m['exact_match']:.4f}, "
               f"token accuracy {m['token_accuracy']:.4f}{quality}, loss {m['loss']:.3f} "
               f"[{model.num_parameters():,} parameters, {time.monotonic() - start:.1f} s]")
+    return 0
+
+
+def _alignment(model, tok, task, splits: dict, n: int) -> int:
+    from .alignment_eval import choose, decode_with_attention, markup_score, score
+    from .tasks import gold_alignment
+
+    if gold_alignment(task.name, *task.validation[0]) is None:
+        print(f"attnserve evaluate: error: task {task.name!r} has no gold alignment (dates, reverse and copy do)",
+              file=sys.stderr)
+        return 2
+    start = time.monotonic()
+    pairs = task.validation[:n]
+    method, table = choose(decode_with_attention(model, tok, [s for s, _ in pairs]), pairs, task.name,
+                           model.config.n_decoder_layers, model.config.n_heads)
+    best = table[0][1].summary()
+    print(f"{task.name}: alignment method chosen on {len(pairs)} validation pairs among {len(table)} tried: "
+          f"{method.describe()} (validation: {best['links_aligned_rate']:.2%} of gold links aligned)")
+    for name, split in splits.items():
+        pairs = split[:n]
+        s = score(decode_with_attention(model, tok, [x for x, _ in pairs]), pairs, task.name, method).summary()
+        m = markup_score(model, tok, pairs, task.name, method)
+        print(f"{task.name} {name} ({len(pairs)} held-out pairs): gold links aligned {s['links_aligned_rate']:.2%} "
+              f"({s['links_aligned']}/{s['gold_links']}), precision {s['precision']:.4f}, recall {s['recall']:.4f}, "
+              f"AER {s['aer']:.4f}; markup: well-formed {m['well_formed_rate']:.2%}, tags on their field "
+              f"{m['tags_right_rate']:.2%} ({m['tags_right']}/{m['tags']})")
+    print(f"[{time.monotonic() - start:.1f} s]")
     return 0

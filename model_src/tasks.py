@@ -69,23 +69,63 @@ def _ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-def _date_formats(d: dt.date) -> list[str]:
-    """Ways people write `d`. Numeric forms are day-first (dd/mm/yy, dd.mm.yyyy) or ISO-like year-first, never
-    month-first, so that every string has exactly one reading; two-digit years only inside 1950-2049."""
+Part = str | tuple[str, str]  # literal text, or (field, text) for the year, month or day
+
+
+def _date_parts(d: dt.date) -> list[list[Part]]:
+    """Ways people write `d`, as parts that name the year, month and day. Numeric forms are day-first (dd/mm/yy,
+    dd.mm.yyyy) or ISO-like year-first, never month-first, so that every string has exactly one reading;
+    two-digit years only inside 1950-2049."""
     day, mon, year, wd = d.day, d.month, d.year, d.weekday()
     en, fr, de, es = MONTHS["en"][mon - 1], MONTHS["fr"][mon - 1], MONTHS["de"][mon - 1], MONTHS["es"][mon - 1]
-    yy = f"{year % 100:02d}"
-    fr_day = "1er" if day == 1 else str(day)
+    Y, yy = ("year", str(year)), ("year", f"{year % 100:02d}")
+    D, DD, M, MM = ("day", str(day)), ("day", f"{day:02d}"), ("month", str(mon)), ("month", f"{mon:02d}")
+    fr_day = ("day", "1er" if day == 1 else str(day))
     return [
-        f"{_ordinal(day)} of {en} {year}", f"{en} {day}, {year}", f"{day} {en} {year}", f"{en[:3]} {day} {year}",
-        f"{WEEKDAYS['en'][wd]}, {en} {day}, {year}", f"{day} {en[:3].upper()} {year}", f"{en} {_ordinal(day)}, {year}",
-        f"{WEEKDAYS['fr'][wd]} {fr_day} {fr} {year}", f"{fr_day} {fr} {year}", f"le {fr_day} {fr} {year}",
-        f"{day}. {de} {year}", f"{WEEKDAYS['de'][wd]}, {day}. {de} {year}",
-        f"{day} de {es} de {year}", f"{WEEKDAYS['es'][wd]}, {day} de {es} de {year}",
-        *([f"{day:02d}/{mon:02d}/{yy}"] if DATE_MIN <= d <= DATE_MAX else []),
-        f"{day:02d}/{mon:02d}/{year}", f"{day}/{mon}/{year}",
-        f"{day:02d}.{mon:02d}.{year}", f"{year}/{mon:02d}/{day:02d}", f"{year}-{mon:02d}-{day:02d}",
+        [("day", _ordinal(day)), " of ", ("month", en), " ", Y], [("month", en), " ", D, ", ", Y],
+        [D, " ", ("month", en), " ", Y], [("month", en[:3]), " ", D, " ", Y],
+        [f"{WEEKDAYS['en'][wd]}, ", ("month", en), " ", D, ", ", Y], [D, " ", ("month", en[:3].upper()), " ", Y],
+        [("month", en), " ", ("day", _ordinal(day)), ", ", Y],
+        [f"{WEEKDAYS['fr'][wd]} ", fr_day, " ", ("month", fr), " ", Y], [fr_day, " ", ("month", fr), " ", Y],
+        ["le ", fr_day, " ", ("month", fr), " ", Y],
+        [D, ". ", ("month", de), " ", Y], [f"{WEEKDAYS['de'][wd]}, ", D, ". ", ("month", de), " ", Y],
+        [D, " de ", ("month", es), " de ", Y], [f"{WEEKDAYS['es'][wd]}, ", D, " de ", ("month", es), " de ", Y],
+        *([[DD, "/", MM, "/", yy]] if DATE_MIN <= d <= DATE_MAX else []),
+        [DD, "/", MM, "/", Y], [D, "/", M, "/", Y],
+        [DD, ".", MM, ".", Y], [Y, "/", MM, "/", DD], [Y, "-", MM, "-", DD],
     ]
+
+
+def _joined(parts: list[Part]) -> tuple[str, dict[str, tuple[int, int]]]:
+    """A date's text and the [start, end) characters of its year, month and day."""
+    text, fields = "", {}
+    for part in parts:
+        if isinstance(part, tuple):
+            fields[part[0]] = (len(text), len(text) + len(part[1]))
+            part = part[1]
+        text += part
+    return text, fields
+
+
+def _date_formats(d: dt.date) -> list[str]:
+    return [_joined(parts)[0] for parts in _date_parts(d)]
+
+
+ISO_FIELDS = {"year": (0, 4), "month": (5, 7), "day": (8, 10)}  # in YYYY-MM-DD
+
+
+def date_gold(source: str, target: str) -> list[tuple[int, int, int, int]]:
+    """The gold alignment of a `dates` pair: (source_start, source_end, target_start, target_end) for the year,
+    the month and the day, from the template that wrote `source`. [] if no template writes it."""
+    try:
+        d = dt.date.fromisoformat(target)
+    except ValueError:
+        return []
+    for parts in _date_parts(d):
+        text, fields = _joined(parts)
+        if text == source:
+            return [(*fields[f], *ISO_FIELDS[f]) for f in ("year", "month", "day")]
+    return []
 
 
 def _random_date(rng: random.Random, years: list[int]) -> dt.date:
@@ -148,6 +188,20 @@ def copy_task(seed: int = 0, n_train: int = 60000, n_eval: int = 1000) -> TaskDa
 
 
 TASKS = {"dates": dates_task, "reverse": reverse_task, "copy": copy_task}
+
+
+def gold_alignment(task: str, source: str, target: str) -> list[tuple[int, int, int, int]] | None:
+    """The links a built-in task knows for a pair, as (source_start, source_end, target_start, target_end)
+    character spans: `dates` its year, month and day; `reverse` each character and its mirror; `copy` each
+    character and itself. None for tasks without gold (user corpora, imported models)."""
+    n = len(source)
+    if task == "dates":
+        return date_gold(source, target)
+    if task == "reverse":
+        return [(n - 1 - i, n - i, i, i + 1) for i in range(n)] if target == source[::-1] else []
+    if task == "copy":
+        return [(i, i + 1, i, i + 1) for i in range(n)] if target == source else []
+    return None
 
 
 def task_of_checkpoint(config: dict) -> TaskData | None:

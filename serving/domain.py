@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from model_repository.alignment import AlignmentMethod, Link
 
 if TYPE_CHECKING:
     from model_repository import Manifest
@@ -99,6 +101,8 @@ class GenerateRequest:
     options: DecodeOptions = DecodeOptions()
     attention: AttentionSpec | None = None  # Generate streams decoder-side attention only
     deadline: float | None = None  # time.monotonic() after which the request is dropped
+    alignment: bool = False  # links from each output token to the source span it comes from (needs source.text)
+    markup: bool = False  # source.text holds inline tags: translate without them, put them into the output
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,15 @@ class AttentionSlice:
     weights: np.ndarray  # (heads or 1, Tq, Tk)
 
 
+@dataclass(frozen=True)
+class AlignRequest:
+    """What a job needs to align its output: the model's method and where each source token lies in the text."""
+
+    method: AlignmentMethod
+    spans: tuple[tuple[int, int], ...]  # per source token: [start, end) characters of the source text
+    source: str  # the source text the model reads
+
+
 @dataclass(slots=True)
 class TokenEvent:
     id: int
@@ -129,6 +142,7 @@ class TokenEvent:
     logprob: float
     index: int
     attention: list[AttentionSlice] = field(default_factory=list)
+    alignment: list[Link] = field(default_factory=list)  # the links complete at this token (shift 1: the last's)
 
 
 @dataclass(slots=True)
@@ -141,6 +155,10 @@ class FinishEvent:
     time_to_first_token_ms: float
     total_ms: float
     score: float | None = None  # beam search: the length-normalised log-probability of the best hypothesis
+    new_links: list[Link] = field(default_factory=list)  # links complete only now (the last token's)
+    alignment: list[Link] | None = None  # every link of the output, when asked
+    word_alignment: list[Link] | None = None  # the same joined to whole words (filled in by the engine API)
+    markup: str | None = None  # the output with the source's tags placed (filled in by the engine API)
 
 
 @dataclass
@@ -159,6 +177,7 @@ class Served:
     model: ModelRef
     source_ids: tuple[int, ...]
     source_tokens: tuple[str, ...]
+    view: Any = None  # serving.api.alignment.AlignmentView of a request that asked for alignment or markup
 
 
 @dataclass
@@ -169,6 +188,9 @@ class Prediction:
     reason: str  # eos | length | stop
     score: float  # beam: length-normalised log-prob; otherwise the summed log-prob
     attention: list[AttentionSlice]  # full (heads, T_q, T_k) matrices
+    alignment: list[Link] | None = None
+    word_alignment: list[Link] | None = None
+    markup: str | None = None
 
 
 @dataclass

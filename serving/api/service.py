@@ -38,6 +38,7 @@ from ..engine.jobs import BeamJob, EncodeJob, Job, SequenceJob
 from ..engine.registry import ModelRegistry, ServedModel
 from ..errors import InvalidRequest, LimitExceeded, Unavailable
 from ..metrics import Metrics
+from .alignment import AlignmentView, method_of
 from .validation import check_attention, check_beam, check_source, model_limits, resolve_params
 
 INLINE_TOKENIZE_CHARS = 1024  # longer texts are tokenized in a worker thread (4 MB blocked the loop for 137 ms)
@@ -116,15 +117,17 @@ class InferenceAPI:
         check_source(ids, served.runner.shape.src_vocab_size, limits)
         return ids
 
-    def _served(self, served: ServedModel, src: list[int]) -> Served:
+    def _served(self, served: ServedModel, src: list[int], view: AlignmentView | None = None) -> Served:
         r = served.runner
-        return Served(ModelRef(r.name, r.version), tuple(src), tuple(r.tokenizer.token_strings(src)))
+        return Served(ModelRef(r.name, r.version), tuple(src), tuple(r.tokenizer.token_strings(src)), view)
 
     async def _job(self, served: ServedModel, req: GenerateRequest, beam_size: int = 0,
                    encoder_attention: bool = False) -> tuple[Job, Served]:
         r = served.runner
         limits = model_limits(self.limits, r.shape.max_len)
-        src = await self._source(served, req.source, limits)
+        view, source = AlignmentView.of(req.source, req.alignment, req.markup)
+        src = await self._source(served, source, limits)
+        align = view.request(method_of(r.manifest), r.tokenizer) if view is not None else None
         params = resolve_params(req.options, limits)
         spec = req.attention
         if spec is not None and not encoder_attention and spec.wants_encoder:
@@ -135,9 +138,9 @@ class InferenceAPI:
             check_attention(spec, r.shape.n_encoder_layers if spec.wants_encoder else 0, r.shape.n_decoder_layers,
                             r.shape.n_heads)
         common = {"source": src, "shape": r.shape, "tokenizer": r.tokenizer, "attention": spec,
-                  "deadline": req.deadline, "params": params}
+                  "deadline": req.deadline, "params": params, "align": align}
         job = BeamJob(**common, beam_size=beam_size) if beam_size > 1 else SequenceJob(**common)
-        return job, self._served(served, src)
+        return job, self._served(served, src, view)
 
     async def _submitted(self, ref: ModelRef,
                          build: Callable[[ServedModel], Awaitable[tuple[Job, Served]]]) -> tuple[Job, Served]:
@@ -170,6 +173,10 @@ class InferenceAPI:
                             (m.itl if ev.index else m.ttft).observe(now - last)  # the first token: since arrival
                             m.tokens.labels(header.model.name).inc()
                             last = now
+                        if header.view is not None and isinstance(ev, TokenEvent):
+                            header.view.token(ev)
+                        elif header.view is not None and isinstance(ev, FinishEvent):
+                            header.view.finish(ev)
                         yield ev
             finally:
                 job.cancel()  # a no-op once finished; otherwise the engine drops it at its next step
@@ -192,9 +199,12 @@ class InferenceAPI:
                         encoder = ev.attention
                     else:
                         finish = ev
+        if header.view is not None:
+            header.view.finish(finish)
         attention = encoder + (assemble([t.attention for t in tokens]) if job.decoder_attention else [])
         score = finish.score if finish.score is not None else float(sum(t.logprob for t in tokens))
-        prediction = Prediction(header, tokens, finish.text, finish.reason, score, attention)
+        prediction = Prediction(header, tokens, finish.text, finish.reason, score, attention, finish.alignment,
+                                finish.word_alignment, finish.markup)
         size = _payload_bytes(prediction)
         if size > self.limits.max_message_bytes:
             raise LimitExceeded(f"the response would be over {size} bytes, more than max_message_bytes "

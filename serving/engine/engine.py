@@ -3,9 +3,10 @@
 Requests arrive as jobs in a bounded admission queue. Each of `workers` threads loops over a batch of its own:
 it admits waiting jobs while their rows fit (and while it holds no more than its share of all the work), drops
 cancelled or expired ones, runs one encoder pass per graph for all its new arrivals (padded), then one decoder step
-per graph (fast, or with attention) for every row of every job it holds, and hands each iteration's events to the
-event loop in one `call_soon_threadsafe`. The workers share the runner's sessions, so several batches run at once
-over one copy of the weights (ONNX Runtime runs a session on the calling thread when it has one intra-op thread).
+per set of outputs (fast; with attention; with only the cross-attention that alignment reads) for every row of
+every job it holds, and hands each iteration's events to the event loop in one `call_soon_threadsafe`. The
+workers share the runner's sessions, so several batches run at once over one copy of the weights (ONNX Runtime
+runs a session on the calling thread when it has one intra-op thread).
 A job whose output goes bad fails alone; if a batched run raises, its jobs are retried one by one so only the
 culprit fails. If a worker itself dies, every job of the engine fails at once with UNAVAILABLE, `submit` refuses
 new work, and `on_death` tells the registry.
@@ -253,13 +254,12 @@ class Engine:
         new = [j for j in new if not j.cancelled]
         if new:
             self._encode(worker, new, events)
-        groups: tuple[list[Job], list[Job]] = ([], [])  # without, with attention
+        groups: dict[tuple[str, ...], list[Job]] = {}  # by the decoder outputs they need beyond the fast ones
         for j in worker.active:
             if j.rows and not j.cancelled:
-                groups[j.decoder_attention].append(j)
-        for attention, group in enumerate(groups):
-            if group:
-                self._decode(worker, group, bool(attention), events)
+                groups.setdefault(j.decoder_extras, []).append(j)
+        for extras, group in sorted(groups.items()):
+            self._decode(worker, group, extras, events)
         with self._cv:
             if self.dead is not None:  # another worker died and failed every job already
                 return
@@ -303,10 +303,10 @@ class Engine:
             if group:
                 self._isolated(group, run, events)
 
-    def _decode(self, worker: _Worker, jobs: list[Job], attention: bool, events: dict[Job, list]) -> None:
+    def _decode(self, worker: _Worker, jobs: list[Job], extras: tuple[str, ...], events: dict[Job, list]) -> None:
         def run(group: list[Job]) -> None:
-            feeds, P = decoder_feeds([row for job in group for row in job.rows], worker.sources[attention])
-            step = StepOutput(self.runner.run_decoder(feeds, attention), P, 0.0)
+            feeds, P = decoder_feeds([row for job in group for row in job.rows], worker.sources[bool(extras)])
+            step = StepOutput(self.runner.run_decoder(feeds, bool(extras), extras), P, 0.0)
             worker.steps += 1
             step.now = time.monotonic()
             first = 0

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from model_repository import ModelShape
+from model_repository.alignment import Aligner
 
 from ..domain import (
+    AlignRequest,
     AttentionSlice,
     AttentionSpec,
     DecodeParams,
@@ -54,6 +56,10 @@ class StepOutput:
     P: int
     now: float
 
+    def cross(self, i: int, row: Row) -> np.ndarray:
+        """Row i's cross-attention of this step, (L, nh, S), a view."""
+        return self.out["cross_attn"][:, i, :, 0, : row.src_len]
+
 
 @dataclass(eq=False)
 class Job:
@@ -62,6 +68,7 @@ class Job:
     tokenizer: ServingTokenizer
     attention: AttentionSpec | None = None
     deadline: float | None = None  # time.monotonic()
+    align: AlignRequest | None = None  # links to the source, when asked
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     created: float = field(default_factory=time.monotonic)
     started: float = 0.0  # its encoder pass ran
@@ -70,7 +77,7 @@ class Job:
     done: bool = False
     on_cancel: Callable[[Job], None] | None = None  # an engine in another process is told this way
 
-    SPEC = ("source", "attention", "deadline", "created")  # what another process needs to rebuild the job
+    SPEC = ("source", "attention", "deadline", "created", "align")  # what another process needs to rebuild the job
 
     def cancel(self) -> None:
         if not self.cancelled:
@@ -98,6 +105,13 @@ class Job:
     @functools.cached_property
     def decoder_attention(self) -> bool:  # read for every job at every step: computed once
         return self.attention is not None and self.attention.wants_decoder
+
+    @functools.cached_property
+    def decoder_extras(self) -> tuple[str, ...]:
+        """The decoder outputs it needs beyond logits and caches: jobs that need the same ones step together."""
+        kinds = self.attention.kinds if self.attention is not None else frozenset()
+        return (*(("dec_self_attn",) if "decoder_self" in kinds else ()),
+                *(("cross_attn",) if "cross" in kinds or self.align is not None else ()))
 
     def encoded(self, enc: dict[str, np.ndarray], i: int, now: float) -> list:
         """Take row i of an encoder pass; returns the events it gives (encoder attention, when asked)."""
@@ -146,14 +160,26 @@ class SequenceJob(Job):
         if not self.params.greedy:
             self.rng = np.random.default_rng(self.params.seed)
         self.detokenizer = Detokenizer(self.tokenizer)  # text a token at a time, not the whole output each step
+        self.aligner = Aligner(self.align.method, list(self.align.spans), self.align.source) \
+            if self.align is not None else None
+
+    def _aligned_finish(self, reason: str, now: float) -> FinishEvent:
+        finish = self._finish(reason, len(self.tokens), self.text, now, self.first_token)
+        if self.aligner is not None:
+            finish.new_links = self.aligner.finish(len(self.text))
+            finish.alignment = self.aligner.links(len(self.text))
+        return finish
 
     def stepped(self, step: StepOutput, first: int) -> list:
-        row, p = self.rows[0], self.params
+        row, p, aligner = self.rows[0], self.params, self.aligner
         token, logprob = choose(step.out["logits"][first], p, self.rng, len(self.tokens),  # logits (V,)
                                 self.shape.suppress_ids)
         self.first_token = self.first_token or step.now
+        if aligner is not None:
+            aligner.step(step.cross(first, row))
         if token == self.shape.eos_id:
-            return [self._finish("eos", len(self.tokens), self.detokenizer.finish(), step.now, self.first_token)]
+            self.text = self.detokenizer.finish()
+            return [self._aligned_finish("eos", step.now)]
         attention = self._step_attention(step, first, row) if self.decoder_attention else []
         row.advance(step.out, first, token)
         before = self.text
@@ -165,14 +191,19 @@ class SequenceJob(Job):
             cut = self.text.find(stop)
             if cut >= 0:
                 self.text = self.text[:cut]
+                if aligner is not None:
+                    aligner.token(len(before), len(self.detokenizer.text), self.detokenizer.text[len(before):])
                 events = [TokenEvent(token, self.text[len(before):], logprob, index, attention)] \
                     if len(self.text) > len(before) else []
-                return [*events, self._finish("stop", len(self.tokens), self.text, step.now, self.first_token)]
-        if len(self.tokens) >= p.max_new_tokens or len(self.tokens) + 1 >= self.shape.max_len:
+                return [*events, self._aligned_finish("stop", step.now)]
+        last = len(self.tokens) >= p.max_new_tokens or len(self.tokens) + 1 >= self.shape.max_len
+        if last:
             self.text = self.detokenizer.finish()  # the last token's event carries what a window held back
-            return [TokenEvent(token, self.text[len(before):], logprob, index, attention),
-                    self._finish("length", len(self.tokens), self.text, step.now, self.first_token)]
-        return [TokenEvent(token, self.text[len(before):], logprob, index, attention)]
+        event = TokenEvent(token, self.text[len(before):], logprob, index, attention)
+        if aligner is not None:
+            aligner.token(len(before), len(self.text), event.text)
+            event.alignment = aligner.ready()
+        return [event, self._aligned_finish("length", step.now)] if last else [event]
 
 
 @dataclass
@@ -182,6 +213,7 @@ class Hypothesis:
     score: float  # summed log-prob
     attention: list[list[AttentionSlice]]  # per step, when asked
     text: str = ""
+    masses: list[np.ndarray] = field(default_factory=list)  # per step: its attention over the source, to align
 
 
 @dataclass(eq=False)
@@ -223,6 +255,8 @@ class BeamJob(Job):
         V = logp.shape[1]
         attention = [self._step_attention(step, first + b, self.rows[b]) for b in range(n)] \
             if self.decoder_attention else None
+        masses = [self.align.method.mass(step.cross(first + b, self.rows[b])).copy() for b in range(n)] \
+            if self.align is not None else None  # (S,) each
         last = self.steps + 1 >= self.params.max_new_tokens
         survivors: list[Hypothesis] = []
         rows: list[Row] = []
@@ -233,10 +267,11 @@ class BeamJob(Job):
                 continue  # only the first k candidates may finish; only k go on
             parent = self.hypotheses[b]
             hyp = Hypothesis([*parent.tokens, tok], [*parent.logprobs, float(logp[b, tok])], float(scores[b, tok]),
-                             [*parent.attention, attention[b]] if attention else parent.attention)
-            if tok == self.shape.eos_id:
+                             [*parent.attention, attention[b]] if attention else parent.attention,
+                             masses=[*parent.masses, masses[b]] if masses else parent.masses)
+            if tok == self.shape.eos_id:  # keeps the </s> step's alignment: the last token's, shifted
                 ended = Hypothesis(hyp.tokens[:-1], hyp.logprobs[:-1], hyp.score,
-                                   hyp.attention[:-1] if attention else hyp.attention)
+                                   hyp.attention[:-1] if attention else hyp.attention, masses=hyp.masses)
                 self.finished.append((ended, self._normalised(hyp.score, len(hyp.tokens)), "eos"))
                 continue
             cut = -1
@@ -265,14 +300,25 @@ class BeamJob(Job):
         if reason != "stop":
             best.text = self.tokenizer.decode(best.tokens)
         events, before, detokenizer = [], "", Detokenizer(self.tokenizer)
+        aligner = None
+        if self.align is not None:
+            aligner = Aligner(self.align.method, list(self.align.spans), self.align.source)
+            aligner.masses = best.masses
         for i, (tok, lp) in enumerate(zip(best.tokens, best.logprobs, strict=True)):
             detokenizer.add(tok)
             last = i == len(best.tokens) - 1
             # each token's text, clipped to the final text so the pieces add up to it when a stop string cut it
             text = (best.text if last else detokenizer.text)[: len(best.text)]
             events.append(TokenEvent(tok, text[len(before):], lp, i, best.attention[i] if best.attention else []))
+            if aligner is not None:
+                aligner.token(len(before), len(text), text[len(before):])
+                events[-1].alignment = aligner.ready()
             before = text
-        return [*events, self._finish(reason, len(best.tokens), best.text, now, self.first_token, score)]
+        finish = self._finish(reason, len(best.tokens), best.text, now, self.first_token, score)
+        if aligner is not None:
+            finish.new_links = aligner.finish(len(best.text))
+            finish.alignment = aligner.links(len(best.text))
+        return [*events, finish]
 
 
 @dataclass(eq=False)

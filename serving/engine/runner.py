@@ -190,27 +190,32 @@ class ModelRunner:
     def eos_id(self) -> int:
         return self.shape.eos_id
 
-    def _run(self, graph: str, feeds: dict) -> dict:
-        """Feeds by the contract's names (a per-layer cache as one sequence of layers); outputs likewise. Decoder
-        steps of a bound runner go through IO binding, their present keys/values left on the device."""
+    def _run(self, graph: str, feeds: dict, outputs: tuple[str, ...] | None = None) -> dict:
+        """Feeds by the contract's names (a per-layer cache as one sequence of layers); outputs likewise (all of
+        the graph's, or `outputs`). Decoder steps of a bound runner go through IO binding, their present
+        keys/values left on the device."""
         with self._calls_lock:  # engine workers run graphs concurrently
             self.calls[graph] += 1
         s = self.sessions[graph]
+        names = outputs or s.output_names
         if self.bound and graph.startswith("decoder"):
-            values = run_bound(s.session, self.inputs[graph], s.output_names, feeds, self.device, self.resident)
+            values = run_bound(s.session, self.inputs[graph], names, feeds, self.device, self.resident)
         else:
-            values = s.run(None, flat_feeds(self.inputs[graph], feeds))
-        return grouped(s.output_names, values)
+            values = s.run(names, flat_feeds(self.inputs[graph], feeds))
+        return grouped(names, values)
 
     def run_encoder(self, sources: list[list[int]], attention: bool) -> dict[str, np.ndarray]:
         """One encoder pass over right-padded sources: cross_k/v (L, B, nh, S, hs), and the extras with attention."""
         graph = "encoder_attn" if attention else "encoder"
         return self._run(graph, encoder_feeds(sources, self.inputs[graph]))
 
-    def run_decoder(self, feeds: dict, attention: bool) -> dict:
-        """One decoder step: logits (B, V), present_k/v as L arrays (B, nh, P+1, hs), and attention when asked.
+    def run_decoder(self, feeds: dict, attention: bool, extras: tuple[str, ...] | None = None) -> dict:
+        """One decoder step: logits (B, V), present_k/v as L arrays (B, nh, P+1, hs), and attention when asked:
+        every attention output, or only `extras` of them (e.g. ("cross_attn",) to align).
         Bound (`io_binding`), present_k/v are OrtValues on the runner's device, fed back as they are."""
-        return self._run("decoder_attn" if attention else "decoder", feeds)
+        if not attention:
+            return self._run("decoder", feeds)
+        return self._run("decoder_attn", feeds, (*self.outputs["decoder"], *extras) if extras else None)
 
     def warm_up(self) -> None:
         """Run every graph once so the first request pays no lazy initialisation."""

@@ -21,6 +21,7 @@ from ..domain import (
     Encoding,
     FinishEvent,
     GenerateRequest,
+    Link,
     ModelDescription,
     ModelRef,
     Prediction,
@@ -74,12 +75,13 @@ def attention_from_pb(a: pb.AttentionRequest) -> AttentionSpec | None:
 
 def generate_from_pb(req: pb.GenerateRequest, deadline: float | None) -> GenerateRequest:
     return GenerateRequest(model_from_pb(req.model), source_from_pb(req.source), options_from_pb(req.options),
-                           attention_from_pb(req.attention), deadline)
+                           attention_from_pb(req.attention), deadline, req.alignment, req.markup)
 
 
 def predict_from_pb(req: pb.PredictRequest, deadline: float | None) -> PredictRequest:
     return PredictRequest(model_from_pb(req.model), source_from_pb(req.source), options_from_pb(req.options),
-                          attention_from_pb(req.attention), deadline, beam_size=req.beam_size)
+                          attention_from_pb(req.attention), deadline, req.alignment, req.markup,
+                          beam_size=req.beam_size)
 
 
 def encode_from_pb(req: pb.EncodeRequest, deadline: float | None) -> EncodeRequest:
@@ -96,13 +98,19 @@ def attention_to_pb(s: AttentionSlice) -> pb.AttentionTensor:
                               query_length=q, key_length=k, weights=s.weights.ravel().tolist())
 
 
+def links_to_pb(links: list[Link] | None) -> list[pb.AlignmentLink]:
+    return [pb.AlignmentLink(source_start=x[0], source_end=x[1], target_start=x[2], target_end=x[3])
+            for x in links or ()]
+
+
 def token_to_pb(ev: TokenEvent) -> pb.Token:
     return pb.Token(id=ev.id, text=ev.text, logprob=ev.logprob, index=ev.index)
 
 
 def token_event_to_pb(ev: TokenEvent, served: Served) -> pb.GenerateResponse:
     return pb.GenerateResponse(token=token_to_pb(ev), attention=[attention_to_pb(s) for s in ev.attention],
-                               source_tokens=served.source_tokens if ev.index == 0 else ())
+                               source_tokens=served.source_tokens if ev.index == 0 else (),
+                               alignment=links_to_pb(ev.alignment))
 
 
 def finish_to_pb(ev: FinishEvent, served: Served) -> pb.GenerateResponse:
@@ -110,14 +118,17 @@ def finish_to_pb(ev: FinishEvent, served: Served) -> pb.GenerateResponse:
         reason=_FINISH[ev.reason], prompt_tokens=ev.prompt_tokens, generated_tokens=ev.generated_tokens,
         text=ev.text, model=model_ref_to_pb(served.model), source_tokens=served.source_tokens,
         timings=pb.Timings(queue_ms=ev.queue_ms, time_to_first_token_ms=ev.time_to_first_token_ms,
-                           total_ms=ev.total_ms)))
+                           total_ms=ev.total_ms),
+        alignment=links_to_pb(ev.alignment), word_alignment=links_to_pb(ev.word_alignment), markup=ev.markup or ""),
+        alignment=links_to_pb(ev.new_links))
 
 
 def predict_to_pb(p: Prediction) -> pb.PredictResponse:
     return pb.PredictResponse(text=p.text, tokens=[token_to_pb(t) for t in p.tokens],
                               finish_reason=_FINISH[p.reason], attention=[attention_to_pb(s) for s in p.attention],
                               source_tokens=p.served.source_tokens, model=model_ref_to_pb(p.served.model),
-                              score=p.score)
+                              score=p.score, alignment=links_to_pb(p.alignment),
+                              word_alignment=links_to_pb(p.word_alignment), markup=p.markup or "")
 
 
 def matrix_to_pb(m: np.ndarray) -> pb.Matrix:

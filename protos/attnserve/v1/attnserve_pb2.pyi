@@ -97,17 +97,33 @@ class AttentionTensor(_message.Message):
     weights: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, kind: _Optional[str] = ..., layer: _Optional[int] = ..., head_indices: _Optional[_Iterable[int]] = ..., mean_over_heads: bool = ..., query_length: _Optional[int] = ..., key_length: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class AlignmentLink(_message.Message):
+    __slots__ = ("source_start", "source_end", "target_start", "target_end")
+    SOURCE_START_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_END_FIELD_NUMBER: _ClassVar[int]
+    TARGET_START_FIELD_NUMBER: _ClassVar[int]
+    TARGET_END_FIELD_NUMBER: _ClassVar[int]
+    source_start: int
+    source_end: int
+    target_start: int
+    target_end: int
+    def __init__(self, source_start: _Optional[int] = ..., source_end: _Optional[int] = ..., target_start: _Optional[int] = ..., target_end: _Optional[int] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "source", "options", "attention")
+    __slots__ = ("model", "source", "options", "attention", "alignment", "markup")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    MARKUP_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     source: Source
     options: DecodingOptions
     attention: AttentionRequest
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., source: _Optional[_Union[Source, _Mapping]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., attention: _Optional[_Union[AttentionRequest, _Mapping]] = ...) -> None: ...
+    alignment: bool
+    markup: bool
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., source: _Optional[_Union[Source, _Mapping]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., attention: _Optional[_Union[AttentionRequest, _Mapping]] = ..., alignment: bool = ..., markup: bool = ...) -> None: ...
 
 class Token(_message.Message):
     __slots__ = ("id", "text", "logprob", "index")
@@ -132,7 +148,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class Finish(_message.Message):
-    __slots__ = ("reason", "prompt_tokens", "generated_tokens", "text", "timings", "model", "source_tokens")
+    __slots__ = ("reason", "prompt_tokens", "generated_tokens", "text", "timings", "model", "source_tokens", "alignment", "word_alignment", "markup")
     REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +156,9 @@ class Finish(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    WORD_ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    MARKUP_FIELD_NUMBER: _ClassVar[int]
     reason: FinishReason
     prompt_tokens: int
     generated_tokens: int
@@ -147,36 +166,45 @@ class Finish(_message.Message):
     timings: Timings
     model: ModelRef
     source_tokens: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., text: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., source_tokens: _Optional[_Iterable[str]] = ...) -> None: ...
+    alignment: _containers.RepeatedCompositeFieldContainer[AlignmentLink]
+    word_alignment: _containers.RepeatedCompositeFieldContainer[AlignmentLink]
+    markup: str
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., text: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., source_tokens: _Optional[_Iterable[str]] = ..., alignment: _Optional[_Iterable[_Union[AlignmentLink, _Mapping]]] = ..., word_alignment: _Optional[_Iterable[_Union[AlignmentLink, _Mapping]]] = ..., markup: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token", "attention", "finish", "source_tokens")
+    __slots__ = ("token", "attention", "finish", "source_tokens", "alignment")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
     SOURCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
     token: Token
     attention: _containers.RepeatedCompositeFieldContainer[AttentionTensor]
     finish: Finish
     source_tokens: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., attention: _Optional[_Iterable[_Union[AttentionTensor, _Mapping]]] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ..., source_tokens: _Optional[_Iterable[str]] = ...) -> None: ...
+    alignment: _containers.RepeatedCompositeFieldContainer[AlignmentLink]
+    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., attention: _Optional[_Iterable[_Union[AttentionTensor, _Mapping]]] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ..., source_tokens: _Optional[_Iterable[str]] = ..., alignment: _Optional[_Iterable[_Union[AlignmentLink, _Mapping]]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "source", "options", "beam_size", "attention")
+    __slots__ = ("model", "source", "options", "beam_size", "attention", "alignment", "markup")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    MARKUP_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     source: Source
     options: DecodingOptions
     beam_size: int
     attention: AttentionRequest
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., source: _Optional[_Union[Source, _Mapping]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., beam_size: _Optional[int] = ..., attention: _Optional[_Union[AttentionRequest, _Mapping]] = ...) -> None: ...
+    alignment: bool
+    markup: bool
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., source: _Optional[_Union[Source, _Mapping]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., beam_size: _Optional[int] = ..., attention: _Optional[_Union[AttentionRequest, _Mapping]] = ..., alignment: bool = ..., markup: bool = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("text", "tokens", "finish_reason", "attention", "source_tokens", "model", "score")
+    __slots__ = ("text", "tokens", "finish_reason", "attention", "source_tokens", "model", "score", "alignment", "word_alignment", "markup")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +212,9 @@ class PredictResponse(_message.Message):
     SOURCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    WORD_ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    MARKUP_FIELD_NUMBER: _ClassVar[int]
     text: str
     tokens: _containers.RepeatedCompositeFieldContainer[Token]
     finish_reason: FinishReason
@@ -191,7 +222,10 @@ class PredictResponse(_message.Message):
     source_tokens: _containers.RepeatedScalarFieldContainer[str]
     model: ModelRef
     score: float
-    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., attention: _Optional[_Iterable[_Union[AttentionTensor, _Mapping]]] = ..., source_tokens: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., score: _Optional[float] = ...) -> None: ...
+    alignment: _containers.RepeatedCompositeFieldContainer[AlignmentLink]
+    word_alignment: _containers.RepeatedCompositeFieldContainer[AlignmentLink]
+    markup: str
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., attention: _Optional[_Iterable[_Union[AttentionTensor, _Mapping]]] = ..., source_tokens: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., score: _Optional[float] = ..., alignment: _Optional[_Iterable[_Union[AlignmentLink, _Mapping]]] = ..., word_alignment: _Optional[_Iterable[_Union[AlignmentLink, _Mapping]]] = ..., markup: _Optional[str] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("model", "source")

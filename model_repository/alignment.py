@@ -1,0 +1,154 @@
+"""Alignments from cross-attention: which source span each output token comes from, in character offsets.
+
+The method (chosen per model at export, recorded in the manifest): average the cross-attention of the chosen
+(layer, head) pairs, take the source token with the most of it (`argmax`; tokens that cover no source text, such
+as </s>, are never chosen), and read it at the step the method says. A decoder step that *chooses*
+token t attends with the query of token t-1 (`shift` 0 reads that step); the next step attends with token t as
+its input (`shift` 1 reads that one, "shift-att"); which aligns better depends on the model, so export measures
+both. An output token with a letter or digit only links to source tokens with one. A link is
+`(source_start, source_end, target_start, target_end)`: the aligned source token's characters in
+the source text and the characters the output token added to the output text. Word links join the links'
+spans to the whitespace-separated words that hold them. Shared by export (measurement) and serving (per token,
+as it streams); needs numpy, nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+_WORD = re.compile(r"\S+")
+
+
+class Link(NamedTuple):
+    source_start: int
+    source_end: int
+    target_start: int
+    target_end: int
+
+
+@dataclass(frozen=True)
+class AlignmentMethod:
+    heads: tuple[tuple[int, int], ...]  # (decoder layer, head) pairs whose cross-attention is averaged
+    shift: int = 0  # 0: the step that chose the token; 1: the next step, where the token is the decoder's input
+
+    def __post_init__(self) -> None:
+        if not self.heads or min(min(h) for h in self.heads) < 0 or self.shift not in (0, 1):
+            raise ValueError(f"not an alignment method: heads {self.heads}, shift {self.shift}")
+        object.__setattr__(self, "_layers", [h[0] for h in self.heads])
+        object.__setattr__(self, "_heads", [h[1] for h in self.heads])
+
+    @classmethod
+    def default(cls, n_layers: int, n_heads: int) -> AlignmentMethod:
+        """Where no gold was there to choose by: the penultimate layer's heads averaged, shifted, as the
+        alignment literature found best for Transformer decoders (Garg et al. 2019; Chen et al. 2020)."""
+        return cls(tuple((max(n_layers - 2, 0), h) for h in range(n_heads)), 1)
+
+    def describe(self) -> str:
+        heads = ", ".join(f"{layer}.{head}" for layer, head in self.heads)
+        return f"heads (layer.head) {heads} averaged, shift {self.shift}"
+
+    def to_dict(self) -> dict:
+        return {"heads": [list(h) for h in self.heads], "shift": self.shift}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AlignmentMethod:
+        return cls(tuple((int(layer), int(head)) for layer, head in data["heads"]), int(data.get("shift", 0)))
+
+    def mass(self, weights: np.ndarray) -> np.ndarray:
+        """The averaged attention (S,) of one step; `weights` (L, nh, S)."""
+        w = weights[self._layers, self._heads]  # (k, S)
+        return w.mean(axis=0) if len(self.heads) > 1 else w[0]
+
+
+def source_mask(spans: list[tuple[int, int]], text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Source positions a token may align to: those that cover some source text; and those whose text has a letter
+    or digit (where an output token with a letter or digit aligns, when there are any)."""
+    valid = np.array([end > start for start, end in spans], dtype=bool)
+    content = np.array([any(c.isalnum() for c in text[start:end]) for start, end in spans], dtype=bool)
+    return valid, content
+
+
+class Aligner:
+    """The links of one output, built as it is decoded: `step()` per decoder step (the step's attention),
+    `token()` per output token (the text it released), `ready()` the links complete since the last call,
+    `finish()` the rest. With shift 1 a token's link is complete one step after the token; a last token that no
+    step followed (a length limit) takes its own step's attention. An output token with a letter or digit links to
+    the source token with the most attention among those with a letter or digit: separators (`/`, spaces) draw
+    attention without being where content comes from."""
+
+    def __init__(self, method: AlignmentMethod, spans: list[tuple[int, int]], source: str) -> None:
+        self.method, self.spans = method, spans
+        self.valid, self.content = source_mask(spans, source)
+        self.masses: list[np.ndarray] = []  # per decoder step: the averaged attention over the source (S,)
+        self.targets: list[tuple[int, int, bool]] = []  # per output token: its characters, and whether alnum
+        self.given = 0  # tokens whose links were handed out
+
+    def step(self, weights: np.ndarray) -> None:
+        """`weights` (L, nh, S): one step's cross-attention of this output's row."""
+        self.masses.append(self.method.mass(weights)[: len(self.valid)].copy())
+
+    def token(self, start: int, end: int, text: str) -> None:
+        self.targets.append((start, end, any(c.isalnum() for c in text)))
+
+    def _link(self, k: int, mass: np.ndarray) -> Link | None:
+        start, end, alnum = self.targets[k]
+        mask = self.content if alnum and self.content.any() else self.valid
+        if end <= start or not mask.any():
+            return None
+        s0, s1 = self.spans[int(np.argmax(np.where(mask, mass, -1.0)))]
+        return Link(s0, s1, start, end)
+
+    def _mass(self, k: int) -> np.ndarray:
+        return self.masses[min(k + self.method.shift, len(self.masses) - 1)]
+
+    def ready(self) -> list[Link]:
+        links = []
+        while self.given < len(self.targets) and self.given + self.method.shift < len(self.masses):
+            link = self._link(self.given, self._mass(self.given))
+            self.given += 1
+            if link is not None:
+                links.append(link)
+        return links
+
+    def finish(self, text_length: int) -> list[Link]:
+        """The links not given yet, the output cut to `text_length` characters (a stop string)."""
+        links = self.ready()
+        while self.given < len(self.targets):
+            link = self._link(self.given, self._mass(self.given))
+            self.given += 1
+            if link is not None:
+                links.append(link)
+        return clip(links, text_length)
+
+    def links(self, text_length: int) -> list[Link]:
+        """Every link of the output, the output cut to `text_length` characters."""
+        links = [self._link(k, self._mass(k)) for k in range(len(self.targets))]
+        return clip([x for x in links if x is not None], text_length)
+
+
+def clip(links: list[Link], text_length: int) -> list[Link]:
+    return [x._replace(target_end=min(x.target_end, text_length)) for x in links if x.target_start < text_length]
+
+
+def _words(text: str) -> list[tuple[int, int]]:
+    return [m.span() for m in _WORD.finditer(text)]
+
+
+def _word_of(words: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    return [w for w in words if w[0] < end and start < w[1]]
+
+
+def word_links(links: list[Link], source: str, target: str) -> list[Link]:
+    """The links joined to whole words (whitespace-separated) on both sides, each word pair once, in target
+    order; links that cover only whitespace give none."""
+    src_words, tgt_words = _words(source), _words(target)
+    out: dict[Link, None] = {}
+    for x in links:
+        for t in _word_of(tgt_words, x.target_start, x.target_end):
+            for s in _word_of(src_words, x.source_start, x.source_end):
+                out[Link(s[0], s[1], t[0], t[1])] = None
+    return sorted(out, key=lambda x: (x.target_start, x.source_start))
