@@ -1,11 +1,14 @@
 """The attention explorer in a real browser: Debian's headless Chromium, driven by Selenium through chromedriver,
-loads the page from a running server, streams a generation and draws its heatmap; a screenshot is written."""
+loads the page from a running server, streams a generation and draws its heatmap and its alignment; screenshots are
+written."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,82 @@ def test_the_explorer_streams_a_generation_and_fills_the_heatmap_row_by_row(serv
     first = [float(td.text) for td in shared[0].find_elements(By.TAG_NAME, "td")]
     assert first[0] == pytest.approx(1.0, abs=1e-3) and first[-1] < 0.999  # same embedding, moved by attention
     b.save_screenshot(str(SCREENSHOTS / "embeddings.png"))
+
+
+def _generate_json(server, model: str, body: dict) -> dict:
+    """The same server's non-streamed generate answer (greedy decoding: the stream's own result)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{server.app.http_port}/v2/models/{model}/generate",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _spans(b, side: str) -> list[tuple[int, int, str, bool]]:
+    """(start, end, text, highlighted) of each linked span on one line of the alignment view."""
+    from selenium.webdriver.common.by import By
+
+    return [(int(e.get_attribute("data-start")), int(e.get_attribute("data-end")), e.get_attribute("textContent"),
+             "highlight" in e.get_attribute("class").split())
+            for e in b.find_elements(By.CSS_SELECTOR, f"#align-{side} .aspan")]
+
+
+@pytest.mark.slow
+def test_the_alignment_view_links_source_and_output_spans_as_the_final_alignment_says(server, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    b = browser
+    b.get(f"http://127.0.0.1:{server.app.http_port}/")
+    _wait(b, lambda: len(Select(b.find_element(By.ID, "model")).options) == 1)
+    assert b.find_element(By.ID, "want-alignment").is_selected()  # on by default
+    source = b.find_element(By.ID, "source").get_attribute("value")  # the default source, as the page sends it
+    b.find_element(By.ID, "run").click()
+    _wait(b, lambda: b.find_element(By.ID, "output").get_attribute("data-done") == "true")
+    want = _generate_json(server, "tiny", {"text_input": source, "parameters": {
+        "max_tokens": 32, "attention": "cross", "alignment": True}})
+    links, words = want["alignment"], want["word_alignment"]
+    assert links, "the final alignment has no link: nothing for the view to show"
+
+    # (a) both texts, whole, cut into spans: the linked ones are the spans of the links
+    assert b.find_element(By.ID, "align-source").get_attribute("textContent") == source
+    assert b.find_element(By.ID, "align-output").get_attribute("textContent") == want["text_output"]
+    sources, outputs = _spans(b, "source"), _spans(b, "output")
+    assert sources and outputs
+    assert {(s, e) for s, e, _, _ in sources} == {(x[0], x[1]) for x in links}  # token spans never overlap
+    assert {(s, e) for s, e, _, _ in outputs} == {(x[2], x[3]) for x in links}
+    assert all(text == source[s:e] for s, e, text, _ in sources)
+    assert all(text == want["text_output"][s:e] for s, e, text, _ in outputs)
+    # (b) one line per link of the final alignment
+    lines = b.find_elements(By.CSS_SELECTOR, "#align-lines path")
+    assert len(lines) == len(links)
+    # (c) hovering an output span lights it, the source span(s) it links to and its line; leaving clears them
+    first = next((x for x in links if x[2] == 0), None)  # the link of the output's first character
+    assert first is not None, f"no link covers the first output character: {links}"
+    span = b.find_element(By.CSS_SELECTOR, '#align-output .aspan[data-start="0"]')
+    ActionChains(b).move_to_element(span).perform()
+    lit_sources = [(s, e, text) for s, e, text, lit in _spans(b, "source") if lit]
+    assert [(s, e) for s, e, _, lit in _spans(b, "output") if lit] == [(0, first[3])]
+    assert lit_sources
+    assert len(b.find_elements(By.CSS_SELECTOR, "#align-lines path.highlight")) == 1
+    # (d) the first output character's source span is the part of the source the final alignment names
+    assert [(s, e) for s, e, _ in lit_sources] == [(first[0], first[1])]
+    assert lit_sources[0][2] == source[first[0]:first[1]] and lit_sources[0][2] in source
+    assert span.get_attribute("aria-label") == (f"output “{want['text_output'][0:first[3]]}”, from source "
+                                                f"“{source[first[0]:first[1]]}”")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    b.save_screenshot(str(SCREENSHOTS / "alignment.png"))
+    ActionChains(b).move_to_element(b.find_element(By.TAG_NAME, "h1")).perform()
+    assert not b.find_elements(By.CSS_SELECTOR, "#alignment .highlight")
+    # keyboard: focusing a source span lights it too
+    b.execute_script("arguments[0].focus()", b.find_element(By.CSS_SELECTOR, "#align-source .aspan"))
+    assert any(lit for *_, lit in _spans(b, "source")) and any(lit for *_, lit in _spans(b, "output"))
+
+    # "words": the word links of the final event, each span a whole word
+    b.find_element(By.ID, "align-words").click()
+    assert b.find_element(By.ID, "alignment").get_attribute("data-mode") == "words"
+    assert len(b.find_elements(By.CSS_SELECTOR, "#align-lines path")) == len(words)
+    assert all(text in source.split() for *_, text, _ in _spans(b, "source"))
+    assert all(text in want["text_output"].split() for *_, text, _ in _spans(b, "output"))
+    b.find_element(By.ID, "align-words").click()
+    assert len(b.find_elements(By.CSS_SELECTOR, "#align-lines path")) == len(links)

@@ -195,7 +195,7 @@ class HttpFrontend:
     async def generate(self, request: web.Request) -> web.Response:
         c = await self._generate_call(request, stream=False)
         prediction = await self.api.predict(PredictRequest(c.model, c.sources[0], c.options, c.attention, None,
-                                                           c.beam_size))
+                                                           c.alignment, c.markup, beam_size=c.beam_size))
         return self._answer(j.prediction_json(prediction))
 
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
@@ -203,7 +203,8 @@ class HttpFrontend:
         served: Served | None = None
         response: web.StreamResponse | None = None
         async with contextlib.aclosing(self.api.generate(GenerateRequest(c.model, c.sources[0], c.options,
-                                                                         c.attention))) as events:
+                                                                         c.attention, None, c.alignment,
+                                                                         c.markup))) as events:
             try:
                 async for ev in events:  # errors before the first event are plain JSON errors (the middleware's)
                     if isinstance(ev, Served):

@@ -4,7 +4,9 @@ Infer: the tensor contract of `kserve_tensors` (TEXT or SOURCE_IDS in; TEXT, TOK
 Encode outputs out) as JSON tensors, `data` flat in row-major order (nested lists are accepted too).
 Generate: `{"text_input": "...", "parameters": {...}}` in (TEXT is accepted as the input's other name), one JSON
 object out (`text_output`, the token ids, the finish reason) or, streamed, one per token; with an `attention`
-parameter each token carries its attention, the same numbers as the gRPC stream.
+parameter each token carries its attention, the same numbers as the gRPC stream; with `alignment: true` each
+token carries the links complete at it and the last object (or the one answer) every link, `word_alignment` and,
+with `markup: true` (`text_input` holding inline tags), `markup_output`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from . import kserve_tensors as t
 
 ATTENTION_CHOICES = ATTENTION_KINDS  # the same names and meanings as attnserve.v1's kinds
 GENERATE_PARAMS = {"max_new_tokens", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "beam_size",
-                   "attention", "attention_layers", "attention_heads", "mean_over_heads"}
+                   "attention", "attention_layers", "attention_heads", "mean_over_heads", "alignment", "markup"}
 
 
 def _object(body: Any, what: str) -> dict:
@@ -157,6 +159,19 @@ def attention_json(slices: list[AttentionSlice]) -> list[dict]:
              "weights": np.round(s.weights.astype(np.float64), 7).reshape(-1).tolist()} for s in slices]
 
 
+def _aligned(out: dict, served: Served, alignment, word_alignment=None, markup: str | None = None) -> dict:
+    """The alignment fields, when the request asked: links as [source_start, source_end, target_start,
+    target_end] lists (characters of the source text and of the output text)."""
+    view = served.view
+    if view is not None and view.show:
+        out["alignment"] = [list(x) for x in alignment or ()]
+        if word_alignment is not None:
+            out["word_alignment"] = [list(x) for x in word_alignment]
+    if view is not None and view.markup is not None and markup is not None:
+        out["markup_output"] = markup
+    return out
+
+
 def token_json(ev: TokenEvent, served: Served) -> dict:
     out = {"model_name": served.model.name, "model_version": str(served.model.version), "text_output": ev.text,
            "token_id": ev.id, "token_index": ev.index, "logprob": ev.logprob}
@@ -164,25 +179,28 @@ def token_json(ev: TokenEvent, served: Served) -> dict:
         out["source_tokens"] = list(served.source_tokens)
     if ev.attention:
         out["attention"] = attention_json(ev.attention)
-    return out
+    return _aligned(out, served, ev.alignment)
 
 
 def finish_json(ev: FinishEvent, served: Served) -> dict:
-    """The last object of a stream: no new text, the whole text and why it ended."""
-    return {"model_name": served.model.name, "model_version": str(served.model.version), "text_output": "",
-            "final_text": ev.text, "finish_reason": ev.reason, "prompt_tokens": ev.prompt_tokens,
-            "generated_tokens": ev.generated_tokens, "time_to_first_token_ms": round(ev.time_to_first_token_ms, 3),
-            "total_ms": round(ev.total_ms, 3), "source_tokens": list(served.source_tokens)}
+    """The last object of a stream: no new text, the whole text and why it ended (and, when asked, every link of
+    the output, its word links and the markup)."""
+    out = {"model_name": served.model.name, "model_version": str(served.model.version), "text_output": "",
+           "final_text": ev.text, "finish_reason": ev.reason, "prompt_tokens": ev.prompt_tokens,
+           "generated_tokens": ev.generated_tokens, "time_to_first_token_ms": round(ev.time_to_first_token_ms, 3),
+           "total_ms": round(ev.total_ms, 3), "source_tokens": list(served.source_tokens)}
+    return _aligned(out, served, ev.alignment, ev.word_alignment, ev.markup)
 
 
 def prediction_json(p: Prediction) -> dict:
-    """The generate answer: the whole text, its tokens, why it ended and, when asked, whole attention matrices."""
+    """The generate answer: the whole text, its tokens, why it ended and, when asked, whole attention matrices,
+    the alignment and the markup."""
     out = {"model_name": p.served.model.name, "model_version": str(p.served.model.version), "text_output": p.text,
            "token_ids": [k.id for k in p.tokens], "logprobs": [k.logprob for k in p.tokens],
            "finish_reason": p.reason, "score": p.score, "source_tokens": list(p.served.source_tokens)}
     if p.attention:
         out["attention"] = attention_json(p.attention)
-    return out
+    return _aligned(out, p.served, p.alignment, p.word_alignment, p.markup)
 
 
 def encoding_json(encoding: Encoding) -> dict:

@@ -2,11 +2,14 @@
 
 Inputs (one of): TEXT, BYTES [N] or [N, 1], UTF-8 source texts; SOURCE_IDS, INT64 [N, S], token ids (-1 pads).
 Outputs: TEXT BYTES [N, 1]; TOKEN_IDS INT64 [N, T] and LOGPROBS FP32 [N, T] (-1 and 0 pad shorter answers);
+ALIGNMENT INT64 [N, links, 4] (source_start, source_end, target_start, target_end per link, in characters of the
+source text and of TEXT; -1 pads); MARKUP BYTES [N, 1] (TEXT with the source's inline tags placed);
 CROSS_ATTENTION, DECODER_SELF_ATTENTION, ENCODER_SELF_ATTENTION FP32 [N, layers, heads, T_q, T_k] (the numbers
 Predict returns; zero-padded across the batch); EMBEDDINGS FP32 [N, S, d_model] and HIDDEN_STATES FP32
 [N, layers, S, d_model] (the Encode results). Without requested outputs: TEXT, TOKEN_IDS, LOGPROBS. Request
 parameters: max_new_tokens, temperature, top_k, top_p, seed, stop, beam_size, attention_layers,
-attention_heads (comma-separated indices), mean_over_heads (a boolean), timeout (microseconds, as Triton's). Wire
+attention_heads (comma-separated indices), mean_over_heads (a boolean), alignment and markup (booleans: add
+ALIGNMENT / MARKUP to the default outputs; markup reads TEXT as marked up), timeout (microseconds, as Triton's). Wire
 protobuf is converted here and nowhere else.
 """
 
@@ -30,14 +33,15 @@ OUTPUTS = {"TEXT": ("BYTES", [-1, 1]), "TOKEN_IDS": ("INT64", [-1, -1]), "LOGPRO
            "CROSS_ATTENTION": ("FP32", [-1, -1, -1, -1, -1]),
            "DECODER_SELF_ATTENTION": ("FP32", [-1, -1, -1, -1, -1]),
            "ENCODER_SELF_ATTENTION": ("FP32", [-1, -1, -1, -1, -1]),
-           "EMBEDDINGS": ("FP32", [-1, -1, -1]), "HIDDEN_STATES": ("FP32", [-1, -1, -1, -1])}
+           "EMBEDDINGS": ("FP32", [-1, -1, -1]), "HIDDEN_STATES": ("FP32", [-1, -1, -1, -1]),
+           "ALIGNMENT": ("INT64", [-1, -1, 4]), "MARKUP": ("BYTES", [-1, 1])}
 DEFAULT_OUTPUTS = ("TEXT", "TOKEN_IDS", "LOGPROBS")
 ATTENTION_OUTPUTS = {"CROSS_ATTENTION": "cross", "DECODER_SELF_ATTENTION": "decoder_self",
                      "ENCODER_SELF_ATTENTION": "encoder_self"}
 ENCODE_OUTPUTS = ("EMBEDDINGS", "HIDDEN_STATES")
 _INT = {"max_new_tokens", "top_k", "seed", "beam_size"}
 _FLOAT = {"temperature", "top_p"}
-_KNOWN = _INT | _FLOAT | {"stop", "attention_layers", "attention_heads", "mean_over_heads",
+_KNOWN = _INT | _FLOAT | {"stop", "attention_layers", "attention_heads", "mean_over_heads", "alignment", "markup",
                           "triton_enable_empty_final_response", "sequence_id", "sequence_start", "sequence_end",
                           "priority", "timeout"}
 
@@ -54,6 +58,8 @@ class InferCall:
     outputs: tuple[str, ...]
     empty_final: bool  # streaming: a last, empty response flagged final
     timeout_s: float | None = None  # Triton's `timeout` parameter (microseconds on the wire)
+    alignment: bool = False  # the ALIGNMENT output is asked for (or the `alignment` parameter is true)
+    markup: bool = False  # the TEXT input holds inline tags: MARKUP gives the output with them placed
 
     def deadline(self, grpc_deadline: float | None) -> float | None:
         """The earlier of the call's own deadline (gRPC's, as time.monotonic()) and the `timeout` parameter's."""
@@ -189,7 +195,8 @@ def infer_call(model: str, version: str, sources: list[Source], params: dict, ou
     for name in _FLOAT & set(params):
         if isinstance(params[name], bool) or not isinstance(params[name], int | float):
             raise InvalidRequest(f"parameter '{name}' must be a number (double_param), got {params[name]!r}")
-    outputs = outputs or DEFAULT_OUTPUTS
+    alignment, markup = flag(params, "alignment"), flag(params, "markup")
+    outputs = outputs or (*DEFAULT_OUTPUTS, *(("ALIGNMENT",) if alignment else ()), *(("MARKUP",) if markup else ()))
     for name in outputs:
         if name not in OUTPUTS:
             raise InvalidRequest(f"unexpected inference output '{name}' for model '{model}'; it has "
@@ -216,7 +223,8 @@ def infer_call(model: str, version: str, sources: list[Source], params: dict, ou
         raise InvalidRequest(f"parameter 'timeout' must be an integer of microseconds (0: none), got {timeout!r}")
     return InferCall(ModelRef(model, version_of(version, model)), sources, options,
                      int(params.get("beam_size", 0)), attention, outputs,
-                     flag(params, "triton_enable_empty_final_response"), timeout / 1e6 if timeout else None)
+                     flag(params, "triton_enable_empty_final_response"), timeout / 1e6 if timeout else None,
+                     alignment or "ALIGNMENT" in outputs, markup or "MARKUP" in outputs)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -231,6 +239,11 @@ def padded(rows: list[np.ndarray], fill, dtype) -> np.ndarray:
     for i, r in enumerate(rows):
         out[(i, *(slice(0, n) for n in r.shape))] = r
     return out
+
+
+def link_rows(links) -> np.ndarray:
+    """Alignment links as an INT64 (links, 4) array: source_start, source_end, target_start, target_end."""
+    return np.array(links or [], np.int64).reshape(-1, 4)  # (links, 4)
 
 
 def stacked_attention(slices: list[AttentionSlice], kind: str) -> np.ndarray:

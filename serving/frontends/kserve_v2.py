@@ -28,7 +28,7 @@ from .status import status_of
 
 SERVICE = "inference.GRPCInferenceService"
 _CONFIG_TYPES = {"BYTES": pb.TYPE_STRING, "INT64": pb.TYPE_INT64, "FP32": pb.TYPE_FP32}
-_STREAMED = {"TEXT", "TOKEN_IDS", "LOGPROBS", "CROSS_ATTENTION", "DECODER_SELF_ATTENTION"}
+_STREAMED = {"TEXT", "TOKEN_IDS", "LOGPROBS", "CROSS_ATTENTION", "DECODER_SELF_ATTENTION", "ALIGNMENT", "MARKUP"}
 
 
 class KServeServicer:
@@ -144,37 +144,40 @@ class KServeServicer:
 
     async def _stream_tokens(self, request_id: str, call: t.InferCall, deadline, out: asyncio.Queue) -> None:
         """One response per token; the last is flagged final (or an empty final one follows, when asked)."""
-        served, held = None, None
-        req = GenerateRequest(call.model, call.sources[0], call.options, call.attention, deadline)
+        served, held = None, None  # a token's response waits for the next event: the last is flagged final
+        req = GenerateRequest(call.model, call.sources[0], call.options, call.attention, deadline, call.alignment,
+                              call.markup)
         async with contextlib.aclosing(self.api.generate(req)) as events:
             async for ev in events:
                 if isinstance(ev, TokenEvent):
                     if held is not None:
-                        await out.put(held[0])
-                    held = (self._token_response(served, request_id, call, ev), ev)
+                        await out.put(self._token_response(served, request_id, call, held, {}))
+                    held = ev
                 elif isinstance(ev, FinishEvent):
                     finish = {"finish_reason": ev.reason, "generated_tokens": ev.generated_tokens}
-                    if held is not None:
-                        last = held[0].infer_response
-                        for key, value in {**finish, "triton_final_response": not call.empty_final}.items():
-                            t.set_param(last.parameters[key], value)
-                        await out.put(held[0])
+                    if held is not None:  # the last token carries the links complete only now, and the markup
+                        held.alignment = [*held.alignment, *ev.new_links]
+                        await out.put(self._token_response(served, request_id, call, held, {
+                            **finish, "triton_final_response": not call.empty_final}, ev.markup))
                     if call.empty_final or held is None:
-                        final = t.response_to_pb(served, request_id, {}, {**finish, "triton_final_response": True})
+                        values = {"MARKUP": [ev.markup or ""]} if "MARKUP" in call.outputs and held is None else {}
+                        final = t.response_to_pb(served, request_id, values,
+                                                 {**finish, "triton_final_response": True})
                         await out.put(pb.ModelStreamInferResponse(infer_response=final))
                 else:
                     served = ev.model
 
     @staticmethod
-    def _token_response(model: ModelRef, request_id: str, call: t.InferCall,
-                        ev: TokenEvent) -> pb.ModelStreamInferResponse:
-        response = t.response_to_pb(model, request_id, token_values(call.outputs, ev),
-                                    {"triton_final_response": False, "token_index": ev.index})
+    def _token_response(model: ModelRef, request_id: str, call: t.InferCall, ev: TokenEvent, parameters: dict,
+                        markup: str | None = None) -> pb.ModelStreamInferResponse:
+        response = t.response_to_pb(model, request_id, token_values(call.outputs, ev, markup),
+                                    {"triton_final_response": False, "token_index": ev.index, **parameters})
         return pb.ModelStreamInferResponse(infer_response=response)
 
 
-def token_values(outputs: tuple[str, ...], ev: TokenEvent) -> dict[str, np.ndarray | list[str]]:
-    """One streamed token's outputs, each with a batch of 1."""
+def token_values(outputs: tuple[str, ...], ev: TokenEvent, markup: str | None = None) -> dict[str, np.ndarray |
+                                                                                                   list[str]]:
+    """One streamed token's outputs, each with a batch of 1; MARKUP on the last token's response only."""
     values: dict[str, np.ndarray | list[str]] = {}
     for name in outputs:
         if name == "TEXT":
@@ -183,6 +186,11 @@ def token_values(outputs: tuple[str, ...], ev: TokenEvent) -> dict[str, np.ndarr
             values[name] = np.array([[ev.id]], np.int64)  # (1, 1)
         elif name == "LOGPROBS":
             values[name] = np.array([[ev.logprob]], np.float32)  # (1, 1)
+        elif name == "ALIGNMENT":
+            values[name] = t.link_rows(ev.alignment)[None]  # (1, links, 4): the links complete at this token
+        elif name == "MARKUP":
+            if markup is not None:
+                values[name] = [markup]
         else:
             values[name] = t.stacked_attention(ev.attention, t.ATTENTION_OUTPUTS[name])[None]  # (1, L, h, 1, k)
     return values

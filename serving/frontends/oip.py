@@ -47,8 +47,8 @@ async def infer(api: InferenceAPI, call: t.InferCall, deadline: float | None,
     wants_predict = any(o not in t.ENCODE_OUTPUTS for o in call.outputs)
     wants_encode = any(o in t.ENCODE_OUTPUTS for o in call.outputs)
     predictions = await _whole([api.predict(PredictRequest(
-        call.model, s, call.options, call.attention, deadline, call.beam_size)) for s in call.sources]) \
-        if wants_predict else []
+        call.model, s, call.options, call.attention, deadline, call.alignment, call.markup, beam_size=call.beam_size))
+        for s in call.sources]) if wants_predict else []
     encodings = await _whole([api.encode(EncodeRequest(call.model, s, deadline))
                               for s in call.sources]) if wants_encode else []
     served = (predictions or encodings)[0].served.model
@@ -65,6 +65,10 @@ async def infer(api: InferenceAPI, call: t.InferCall, deadline: float | None,
         elif name in t.ATTENTION_OUTPUTS:
             values[name] = t.padded([t.stacked_attention(p.attention, t.ATTENTION_OUTPUTS[name])
                                      for p in predictions], 0.0, np.float32)  # (N, L, h, Tq, Tk)
+        elif name == "ALIGNMENT":
+            values[name] = t.padded([t.link_rows(p.alignment) for p in predictions], -1, np.int64)  # (N, links, 4)
+        elif name == "MARKUP":
+            values[name] = [p.markup or "" for p in predictions]
         elif name == "EMBEDDINGS":
             values[name] = t.padded([e.embeddings for e in encodings], 0.0, np.float32)  # (N, S, d)
         else:
