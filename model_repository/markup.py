@@ -4,8 +4,9 @@
 checks that they nest, and gives the plain text the model reads plus each tag with the plain-text span it wraps.
 `place` puts every tag into the plain output: a pair around the output characters linked to its source span, a
 placeholder where the output of the source that follows it begins. The output is well-formed by construction:
-a pair's span sheds the spaces and punctuation at its edges that its source span does not have there; the
-tags keep their source nesting (a child's output span is clipped into its parent's), siblings are ordered by
+a pair's span is set by the output tokens with letters or digits linked into its source span (when that has
+some) and sheds the spaces and punctuation at its edges that its source span does not have there; the tags keep
+their source nesting (a child's output span is clipped into its parent's), siblings are ordered by
 where they land in the output and never overlap (a later one starts where an earlier one ends). A pair whose
 source span no output links to, and a placeholder with nothing to anchor to, go to the fallback position: the
 end of their parent's output span (the end of the output for top-level tags), a pair there wrapping nothing.
@@ -104,13 +105,16 @@ def _trimmed(text: str, start: int, end: int, keep_start: bool, keep_end: bool) 
 def _target_span(tag: Tag, links: Sequence[tuple[int, int, int, int]], source: str,
                  output: str) -> tuple[int, int] | None:
     """The output characters linked to a pair's source span, or a placeholder's anchor (as an empty span).
-    Separators the output adds (spaces, punctuation: the `-` of a date) link wherever their attention went, so a
-    pair's span sheds them at its edges unless its source span has them there too."""
+    Separators the output adds (spaces, punctuation: the `-` of a date) link wherever their attention went, so
+    around a source span with letters or digits only output tokens with letters or digits count, and the span
+    sheds separators at its edges unless its source span has them there too."""
     if tag.pair:
         hit = [(ts, te) for ss, se, ts, te in links if ss < tag.end and tag.start < se]
+        inner = source[tag.start:tag.end]
+        if any(c.isalnum() for c in inner):  # separators do not decide where a pair of words and numbers goes
+            hit = [t for t in hit if any(c.isalnum() for c in output[t[0]:t[1]])] or hit
         if not hit:
             return None
-        inner = source[tag.start:tag.end]
         start, end = _trimmed(output, min(t[0] for t in hit), max(t[1] for t in hit),
                               bool(inner) and not inner[0].isalnum(), bool(inner) and not inner[-1].isalnum())
         return (start, end) if end > start else (min(t[0] for t in hit), max(t[1] for t in hit))
