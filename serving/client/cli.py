@@ -29,6 +29,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, nargs="*", default=[])
     p.add_argument("--mean", action="store_true", help="average attention over heads")
     p.add_argument("--plot", type=Path, help="write an attention heatmap PNG here")
+    p.add_argument("--alignment", action="store_true", help="print which source span each output span comes from")
+    p.add_argument("--markup", action="store_true", help="the text holds inline tags: print the output with them")
     p.add_argument("--timeout", type=float, default=60.0)
     add_arguments(p)
 
@@ -101,7 +103,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     with _client(args) as client:
         try:
             for msg in client.generate(args.text, args.model, args.version, attention, args.layers, args.heads,
-                                       args.mean, timeout=args.timeout, **_options(args)):
+                                       args.mean, timeout=args.timeout, alignment=args.alignment,
+                                       markup=args.markup, **_options(args)):
                 src_tokens = src_tokens or list(msg.source_tokens)
                 if msg.HasField("token"):
                     out_tokens.append(msg.token.text)
@@ -118,6 +121,7 @@ def generate_main(argv: list[str] | None = None) -> int:
                           f"{reason.removeprefix('FINISH_REASON_').lower()}, first token "
                           f"{f.timings.time_to_first_token_ms:.1f} ms, total {f.timings.total_ms:.1f} ms",
                           file=sys.stderr)
+                    _print_alignment(args, f.text, f.alignment, f.word_alignment, f.markup)
         except grpc.RpcError as e:
             return _fail(e)
     if args.plot:
@@ -137,6 +141,16 @@ def _describe(msg, src_tokens: list[str]) -> str:
     return "  ".join(parts)
 
 
+def _print_alignment(args, output: str, links, words, markup: str) -> None:
+    if args.markup:
+        print(f"markup: {markup}")
+    if args.alignment:
+        for name, group in (("links", links), ("words", words)):
+            shown = [f"{output[x.target_start:x.target_end]!r} <- {args.text[x.source_start:x.source_end]!r}"
+                     for x in group]
+            print(f"{name}: {', '.join(shown)}")
+
+
 def predict_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnserve predict", description="One unary prediction.")
     _common(p)
@@ -145,10 +159,12 @@ def predict_main(argv: list[str] | None = None) -> int:
     with _client(args) as client:
         try:
             r = client.predict(args.text, args.model, args.version, args.beam_size, args.attention, args.layers,
-                               args.heads, args.mean, timeout=args.timeout, **_options(args))
+                               args.heads, args.mean, timeout=args.timeout, alignment=args.alignment,
+                               markup=args.markup, **_options(args))
         except grpc.RpcError as e:
             return _fail(e)
     print(r.text)
+    _print_alignment(args, r.text, r.alignment, r.word_alignment, r.markup)
     for t in r.attention:
         print(f"  attention {t.kind} layer {t.layer}: {len(t.head_indices) if not t.mean_over_heads else 1} x "
               f"{t.query_length} x {t.key_length}", file=sys.stderr)

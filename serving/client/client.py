@@ -54,18 +54,21 @@ class AttnServeClient:
 
     def generate(self, source: str | Sequence[int], model: str = "", version: int = 0, attention: str = "none",
                  layers=(), heads=(), mean_over_heads: bool = False, timeout: float | None = None,
-                 **options) -> Iterator[pb.GenerateResponse]:
+                 alignment: bool = False, markup: bool = False, **options) -> Iterator[pb.GenerateResponse]:
         req = pb.GenerateRequest(model=pb.ModelRef(name=model, version=version), source=_source(source),
                                  options=_options(**options),
-                                 attention=_attention(attention, layers, heads, mean_over_heads))
+                                 attention=_attention(attention, layers, heads, mean_over_heads),
+                                 alignment=alignment, markup=markup)
         return self.stub.Generate(req, timeout=timeout, metadata=self.metadata)
 
     def predict(self, source: str | Sequence[int], model: str = "", version: int = 0, beam_size: int = 0,
                 attention: str = "none", layers=(), heads=(), mean_over_heads: bool = False,
-                timeout: float | None = None, **options) -> pb.PredictResponse:
+                timeout: float | None = None, alignment: bool = False, markup: bool = False,
+                **options) -> pb.PredictResponse:
         req = pb.PredictRequest(model=pb.ModelRef(name=model, version=version), source=_source(source),
                                 options=_options(**options), beam_size=beam_size,
-                                attention=_attention(attention, layers, heads, mean_over_heads))
+                                attention=_attention(attention, layers, heads, mean_over_heads),
+                                alignment=alignment, markup=markup)
         return self.stub.Predict(req, timeout=timeout, metadata=self.metadata)
 
     def encode(self, source: str | Sequence[int], model: str = "", version: int = 0) -> pb.EncodeResponse:
