@@ -5,7 +5,8 @@ alignment, with alignment and markup, and with the cross-attention rows themselv
 
 One server (`attnserve serve`, its engine in a process of its own) is started; each round sends every variant's
 batch of streamed Generates (one stream at a time, or `--streams` at once) in turn, the variants' order rotating
-from round to round, and reads the server's CPU time (the process and its children, from /proc) around each batch.
+from round to round, and reads the server's CPU time (every thread of the process and its children, in nanoseconds from
+/proc/*/task/*/schedstat) around each batch.
 The client's own CPU is not counted. Reported: the median over rounds of server CPU microseconds per token, and
 each variant against the plain stream.
 """
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .compare_servers import ROOT, TEXTS, _free_port, _launch
-from .server_stats import sample
+from .server_stats import cpu_seconds_exact
 
 MARKED = ["<b>3rd</b> of <i>March</i> <u>2021</u>", "mardi <b>3</b> <i>mars</i> <u>2021</u>",
           "<b>03</b>/<i>03</i>/<u>21</u>", "<b>3</b>. <i>März</i> <u>2021</u>", "<i>July</i> <b>4</b>, <u>1976</u>",
@@ -77,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                     kw = VARIANTS[name]
                     pool = MARKED if kw.get("markup") else TEXTS
                     texts = [pool[(r + i) % len(pool)] for i in range(args.per_batch)]
-                    before = sample(proc.pid).cpu_s
+                    before = cpu_seconds_exact(proc.pid)
                     tokens = _batch(client, kw, texts, args.streams, args.max_new_tokens)
-                    cost[name].append((sample(proc.pid).cpu_s - before) / max(tokens, 1))
+                    cost[name].append((cpu_seconds_exact(proc.pid) - before) / max(tokens, 1))
     finally:
         proc.terminate()
         proc.wait()

@@ -255,7 +255,7 @@ class BeamJob(Job):
         V = logp.shape[1]
         attention = [self._step_attention(step, first + b, self.rows[b]) for b in range(n)] \
             if self.decoder_attention else None
-        masses = [self.align.method.mass(step.cross(first + b, self.rows[b])).copy() for b in range(n)] \
+        masses = [self.align.method.mass(step.cross(first + b, self.rows[b])) for b in range(n)] \
             if self.align is not None else None  # (S,) each
         last = self.steps + 1 >= self.params.max_new_tokens
         survivors: list[Hypothesis] = []
