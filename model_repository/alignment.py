@@ -68,6 +68,15 @@ class AlignmentMethod:
             self._coef[weights.shape[:2]] = coef
         return np.einsum("lh,lhs->s", coef, weights)  # (S,)
 
+    def masses(self, cross: np.ndarray) -> np.ndarray:
+        """The same for every row of a decoder step at once: `cross` (L, B, nh, 1, T_k) -> (B, T_k)."""
+        coef = self._coef.get((cross.shape[0], cross.shape[2]))
+        if coef is None:
+            coef = np.zeros((cross.shape[0], cross.shape[2]), np.float32)  # (L, nh)
+            coef[tuple(zip(*self.heads, strict=True))] = 1.0
+            self._coef[coef.shape] = coef
+        return np.einsum("lh,lbhqs->bs", coef, cross)  # (B, T_k)
+
 
 def source_mask(spans: list[tuple[int, int]], text: str) -> tuple[np.ndarray | None, np.ndarray | None]:
     """What may be aligned to, as additive masks (0 where allowed, -inf elsewhere): source tokens that cover some
@@ -101,6 +110,10 @@ class Aligner:
     def step(self, weights: np.ndarray) -> None:
         """`weights` (L, nh, S): one step's cross-attention of this output's row."""
         self.masses.append(self.method.mass(weights)[: len(self.spans)])
+
+    def step_mass(self, mass: np.ndarray) -> None:
+        """One step's `method.masses` row of this output (T_k,), computed for the whole batch at once."""
+        self.masses.append(mass[: len(self.spans)])
 
     def token(self, start: int, end: int, text: str) -> None:
         self.targets.append((start, end, _ALNUM.search(text) is not None))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from model_repository import ModelShape
-from model_repository.alignment import Aligner
+from model_repository.alignment import Aligner, AlignmentMethod
 
 from ..domain import (
     AlignRequest,
@@ -55,10 +55,14 @@ class StepOutput:
     out: dict  # logits (B, V), present_k/v L x (B, nh, P+1, hs), attention (L, B, nh, 1, T_k)
     P: int
     now: float
+    aligned: dict = field(default_factory=dict)  # alignment method -> its (B, T_k) attention, once per step
 
-    def cross(self, i: int, row: Row) -> np.ndarray:
-        """Row i's cross-attention of this step, (L, nh, S), a view."""
-        return self.out["cross_attn"][:, i, :, 0, : row.src_len]
+    def mass(self, method: AlignmentMethod) -> np.ndarray:
+        """The chosen heads' cross-attention of every row of this step, (B, T_k): one einsum for the batch."""
+        m = self.aligned.get(method)
+        if m is None:
+            m = self.aligned[method] = method.masses(self.out["cross_attn"])
+        return m
 
 
 @dataclass(eq=False)
@@ -176,7 +180,7 @@ class SequenceJob(Job):
                                 self.shape.suppress_ids)
         self.first_token = self.first_token or step.now
         if aligner is not None:
-            aligner.step(step.cross(first, row))
+            aligner.step_mass(step.mass(self.align.method)[first])
         if token == self.shape.eos_id:
             self.text = self.detokenizer.finish()
             return [self._aligned_finish("eos", step.now)]
@@ -255,7 +259,7 @@ class BeamJob(Job):
         V = logp.shape[1]
         attention = [self._step_attention(step, first + b, self.rows[b]) for b in range(n)] \
             if self.decoder_attention else None
-        masses = [self.align.method.mass(step.cross(first + b, self.rows[b])) for b in range(n)] \
+        masses = [step.mass(self.align.method)[first + b, : self.rows[b].src_len] for b in range(n)] \
             if self.align is not None else None  # (S,) each
         last = self.steps + 1 >= self.params.max_new_tokens
         survivors: list[Hypothesis] = []
