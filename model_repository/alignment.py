@@ -14,6 +14,7 @@ as it streams); needs numpy, nothing else.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -45,7 +46,7 @@ class AlignmentMethod:
     def default(cls, n_layers: int, n_heads: int) -> AlignmentMethod:
         """Where no gold was there to choose by: the penultimate layer's heads averaged, shifted, as the
         alignment literature found best for Transformer decoders (Garg et al. 2019; Chen et al. 2020)."""
-        return cls(tuple((max(n_layers - 2, 0), h) for h in range(n_heads)), 1)
+        return _interned(tuple((max(n_layers - 2, 0), h) for h in range(n_heads)), 1)
 
     def describe(self) -> str:
         heads = ", ".join(f"{layer}.{head}" for layer, head in self.heads)
@@ -56,7 +57,12 @@ class AlignmentMethod:
 
     @classmethod
     def from_dict(cls, data: dict) -> AlignmentMethod:
-        return cls(tuple((int(layer), int(head)) for layer, head in data["heads"]), int(data.get("shift", 0)))
+        return _interned(tuple((int(layer), int(head)) for layer, head in data["heads"]), int(data.get("shift", 0)))
+
+    def __reduce__(self):
+        """Unpickled (in an engine process) as the one object of its value, so that the jobs of a decoder step
+        share its einsum."""
+        return _interned, (self.heads, self.shift)
 
     def mass(self, weights: np.ndarray) -> np.ndarray:
         """The chosen heads' attention (S,) of one step, summed (the argmax of a sum is that of the mean);
@@ -76,6 +82,11 @@ class AlignmentMethod:
             coef[tuple(zip(*self.heads, strict=True))] = 1.0
             self._coef[coef.shape] = coef
         return np.einsum("lh,lbhqs->bs", coef, cross)  # (B, T_k)
+
+
+@functools.lru_cache(maxsize=64)
+def _interned(heads: tuple[tuple[int, int], ...], shift: int) -> AlignmentMethod:
+    return AlignmentMethod(heads, shift)
 
 
 def source_mask(spans: list[tuple[int, int]], text: str) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -132,7 +143,11 @@ class Aligner:
     def _give(self, until: int) -> list[Link]:
         if self.given >= until:
             return []
-        links = [x for x in (self._link(k, self._mass(k)) for k in range(self.given, until)) if x is not None]
+        if until == self.given + 1:  # the usual case: one token's link per step
+            link = self._link(self.given, self._mass(self.given))
+            links = [link] if link is not None else []
+        else:
+            links = [x for x in (self._link(k, self._mass(k)) for k in range(self.given, until)) if x is not None]
         self.given = until
         self.all += links
         return links

@@ -79,8 +79,8 @@ def slow_down(server: ServerThread, model: str, seconds: float = 0.02) -> None:
     runner = server.app.registry.get(model).runner
     step = runner.run_decoder
 
-    def slow(feeds, attention):
+    def slow(feeds, attention, extras=None):
         time.sleep(seconds)
-        return step(feeds, attention)
+        return step(feeds, attention, extras)
 
     runner.run_decoder = slow

@@ -100,10 +100,10 @@ def test_a_batched_run_that_raises_is_retried_one_by_one(runner):
     """Only the request whose own run fails gets the error (here: any run with an 8-token source raises)."""
     run = runner.run_decoder
 
-    def picky(feeds, attention):
+    def picky(feeds, attention, extras=None):
         if feeds["src_mask"].shape[1] == 8:
             raise ValueError("this source breaks the graph")
-        return run(feeds, attention)
+        return run(feeds, attention, extras)
 
     solo = [_ids(_drive(runner, lambda e, t=t: [_seq(runner, t)])[0][0]) for t in ("abc", "hello")]
     runner.run_decoder = picky
@@ -211,7 +211,7 @@ def test_an_engine_dying_mid_step_answers_every_job_it_holds(runner):
     class Fault(BaseException):
         pass
 
-    def broken(feeds, attention):
+    def broken(feeds, attention, extras=None):
         raise Fault("the session is gone")
 
     async def main():

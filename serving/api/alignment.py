@@ -11,21 +11,13 @@ from model_repository.markup import Markup, MarkupError, parse, place
 from ..domain import AlignRequest, FinishEvent, Source, TokenEvent
 from ..errors import InvalidRequest
 
-_METHODS: dict[tuple, AlignmentMethod] = {}  # one object per version: jobs of a step share its einsum
-
 
 def method_of(manifest) -> AlignmentMethod:
     """The version's alignment method: the manifest's, or the default for versions exported before it."""
-    key = (str(manifest.path), manifest.version)
-    method = _METHODS.get(key)
-    if method is None:
-        section = manifest.alignment
-        method = AlignmentMethod.from_dict(section["method"]) if section is not None else \
-            AlignmentMethod.default(manifest.model.n_decoder_layers, manifest.model.n_heads)
-        if len(_METHODS) > 256:
-            _METHODS.clear()
-        _METHODS[key] = method
-    return method
+    section = manifest.alignment
+    if section is not None:
+        return AlignmentMethod.from_dict(section["method"])
+    return AlignmentMethod.default(manifest.model.n_decoder_layers, manifest.model.n_heads)
 
 
 @dataclass(frozen=True)

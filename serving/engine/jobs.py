@@ -55,13 +55,14 @@ class StepOutput:
     out: dict  # logits (B, V), present_k/v L x (B, nh, P+1, hs), attention (L, B, nh, 1, T_k)
     P: int
     now: float
-    aligned: dict = field(default_factory=dict)  # alignment method -> its (B, T_k) attention, once per step
+    aligned: dict = field(default_factory=dict)  # id(alignment method) -> its (B, T_k) attention, once per step
 
     def mass(self, method: AlignmentMethod) -> np.ndarray:
-        """The chosen heads' cross-attention of every row of this step, (B, T_k): one einsum for the batch."""
-        m = self.aligned.get(method)
+        """The chosen heads' cross-attention of every row of this step, (B, T_k): one einsum for the batch (the
+        jobs of a version share one method object: `AlignmentMethod` is interned)."""
+        m = self.aligned.get(id(method))
         if m is None:
-            m = self.aligned[method] = method.masses(self.out["cross_attn"])
+            m = self.aligned[id(method)] = method.masses(self.out["cross_attn"])
         return m
 
 
