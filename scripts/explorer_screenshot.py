@@ -2,7 +2,8 @@
 
     python scripts/explorer_screenshot.py [--repo models --model dates --source "le 14 juillet 1789"]
 
-Needs the dev extra (selenium) and Debian's chromium + chromium-driver. Writes docs/explorer.png.
+Needs the dev extra (selenium) and Debian's chromium + chromium-driver. Writes docs/explorer.png (the heatmap)
+and docs/explorer-alignment.png (the alignment panel, one output span hovered).
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(args.out))
         print(f"wrote {args.out}")
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        panel = browser.find_element(By.ID, "alignment-title")
+        browser.execute_script("arguments[0].scrollIntoView()", panel)
+        spans = browser.find_elements(By.CSS_SELECTOR, "#align-output [tabindex]")
+        if spans:
+            ActionChains(browser).move_to_element(spans[min(5, len(spans) - 1)]).perform()  # the month's "0"
+        aligned = args.out.with_name(args.out.stem + "-alignment.png")
+        browser.save_screenshot(str(aligned))
+        print(f"wrote {aligned}")
     finally:
         browser.quit()
         _stop_server(server)

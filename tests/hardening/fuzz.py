@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from model_repository.markup import MarkupError
+from model_repository.markup import parse as parse_markup
 from protos.attnserve.v1 import attnserve_pb2 as pb
 from serving.domain import Limits
 
@@ -96,9 +98,9 @@ FIELDS = {"model": ("model.name", "model.version"),
           "options": ("options.max_new_tokens", "options.temperature", "options.top_k", "options.top_p",
                       "options.seed", "options.stop"),
           "attention": ("attention.kind", "attention.layers", "attention.heads", "attention.none_with_selection"),
-          "beam": ("beam_size",)}
-METHOD_FIELDS = {"Generate": ("model", "source", "options", "attention"),
-                 "Predict": ("model", "source", "options", "attention", "beam"),
+          "beam": ("beam_size",), "alignment": ("alignment", "markup")}
+METHOD_FIELDS = {"Generate": ("model", "source", "options", "attention", "alignment"),
+                 "Predict": ("model", "source", "options", "attention", "beam", "alignment"),
                  "Encode": ("model", "source"), "GetModelInfo": ("model",), "ListModels": ()}
 STRING_FIELDS = {"Generate": ((1, 1), (2, 1), (3, 6)), "Predict": ((1, 1), (2, 1), (3, 6)),
                  "Encode": ((1, 1), (2, 1)), "GetModelInfo": ((1, 1),)}
@@ -263,6 +265,7 @@ class Fuzzer:
         if method in ("Generate", "Predict"):
             self._options(draw, msg.options, facts)
             self._attention(draw, msg.attention, facts, encoder=method == "Predict")
+            self._alignment(draw, msg)
         if method == "Predict":
             ok, beam = draw("beam_size", [0, 1, 2, 3, 4, self.limits.max_beam_size],
                             [-1, self.limits.max_beam_size + 1, 100, INT32_MAX, INT32_MIN])
@@ -296,6 +299,32 @@ class Fuzzer:
         elif kind == "ids":
             source.ids.SetInParent()
             source.ids.ids.extend(value)
+
+    def _alignment(self, draw: _Draw, msg) -> None:
+        """alignment and markup: fine with a text source (markup: one whose tags nest around some text); a fault
+        with token ids, or with tags that do not nest."""
+        rng = draw.rng
+        if draw.forced not in FIELDS["alignment"] and rng.random() >= 0.2:
+            return
+        text = msg.source.text if msg.source.WhichOneof("input") == "text" else None
+        if text is None:
+            which = draw.forced if draw.forced in FIELDS["alignment"] else rng.choice(FIELDS["alignment"])
+            setattr(msg, which, True)
+            draw.faults.append(which)
+            return
+        msg.alignment = rng.random() < 0.7
+        if draw.forced == "markup" or rng.random() < draw.p_bad:
+            text = rng.choice(["<b>" + text, text + "</i>", "<b><i>x</b></i>"])
+            msg.source.text, msg.markup = text, True
+        else:
+            msg.markup = rng.random() < 0.5
+        if msg.markup:
+            try:
+                fine = bool(parse_markup(text).plain.strip())
+            except MarkupError:
+                fine = False
+            if not fine:
+                draw.faults.append("markup")
 
     def _options(self, draw: _Draw, o: pb.DecodingOptions, facts: ModelFacts) -> None:
         if not (draw.forced or "").startswith("options.") and draw.rng.random() < 0.3:

@@ -37,9 +37,9 @@ DATATYPES = ("BYTES", "INT64", "FP32", "INT32", "BOOL", "UINT8", "FP16", "BF16",
 DIMS = (-1, 0, 1, 1, 2, 3, 33, 2**31, 2**32, 2**62, INT64_MAX, INT64_MIN)
 PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "beam_size", "attention_layers",
           "attention_heads", "mean_over_heads", "timeout", "priority", "sequence_id",
-          "triton_enable_empty_final_response", "unknown_knob", "", "\u00e9")
+          "triton_enable_empty_final_response", "alignment", "markup", "unknown_knob", "", "\u00e9")
 OUTPUT_NAMES = ("TEXT", "TOKEN_IDS", "LOGPROBS", "CROSS_ATTENTION", "DECODER_SELF_ATTENTION", "ENCODER_SELF_ATTENTION",
-                "EMBEDDINGS", "HIDDEN_STATES", "LOGITS", "", "text")
+                "EMBEDDINGS", "HIDDEN_STATES", "ALIGNMENT", "MARKUP", "LOGITS", "", "text")
 HTTP_ROUTES = ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/repository/index", "/v2/models/{m}",
                "/v2/models/{m}/ready", "/v2/models/{m}/versions/{v}", "/v2/models/{m}/versions/{v}/ready",
                "/v2/models/{m}/infer", "/v2/models/{m}/versions/{v}/infer", "/v2/models/{m}/generate",
@@ -209,7 +209,8 @@ class OipFuzzer:
             [_value(rng), [1, 2], {"a": 1}, None, ["x", 1], rng.choice(["none", "cross", "self", "all", "bogus"])])
             for _ in range(rng.choice([0, 0, 1, 2, 3]))}
         if route.endswith(("generate", "generate_stream", "encode")):
-            body = {"text_input": rng.choice([_text(rng, rng.randrange(1, 8)), "", 5, None, ["a"], "x" * 400])}
+            body = {"text_input": rng.choice([_text(rng, rng.randrange(1, 8)), "", 5, None, ["a"], "x" * 400,
+                                              "<b>ab</b> c", "<b>ab", "a</i>", "<x/>", "<a href='u'>b</a>"])}
             if params:
                 body["parameters"] = params
             return body
