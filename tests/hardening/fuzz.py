@@ -308,6 +308,8 @@ class Fuzzer:
             return
         text = msg.source.text if msg.source.WhichOneof("input") == "text" else None
         if text is None:
+            if draw.forced not in FIELDS["alignment"] and rng.random() >= draw.p_bad:
+                return  # ids asked for neither: fine
             which = draw.forced if draw.forced in FIELDS["alignment"] else rng.choice(FIELDS["alignment"])
             setattr(msg, which, True)
             draw.faults.append(which)
