@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .compare_servers import ROOT, TEXTS, _free_port, _launch
+from .compare_servers import ROOT, TEXTS, _free_port, _launch, wait_healthy
+from .report import publish
 from .server_stats import cpu_seconds_exact
 
 MARKED = ["<b>3rd</b> of <i>March</i> <u>2021</u>", "mardi <b>3</b> <i>mars</i> <u>2021</u>",
@@ -57,18 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from serving.client import AttnServeClient
-    from serving.client.healthcheck import check
 
     port = _free_port()
     proc = _launch(ROOT, args.repo.resolve(), args.model, port)
     cost: dict[str, list[float]] = {v: [] for v in VARIANTS}
     try:
-        for _ in range(150):
-            if check(f"127.0.0.1:{port}", timeout=1.0):
-                break
-            time.sleep(0.2)
-        else:
-            raise SystemExit(f"the server on port {port} did not become healthy")
+        wait_healthy(port)
         names = list(VARIANTS)
         with AttnServeClient(f"127.0.0.1:{port}") as client:
             for name in names:  # warm every path once
@@ -93,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in VARIANTS:
         m = statistics.median(cost[name])
         lines.append(f"| {name} | {m * 1e6:.0f} | {m / base:.3f}x |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    publish("\n".join(lines) + "\n", args.out)
     return 0
 
 

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .report import publish
+
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["3rd of March 2021", "mardi 3 mars 2021", "03/03/21", "3. März 2021", "July 4, 1976", "le 14 juillet 1989"]
 
@@ -29,6 +31,17 @@ def _launch(checkout: Path, repo: Path, model: str, port: int) -> subprocess.Pop
                              "--address", f"127.0.0.1:{port}", "--metrics-port", "-1", "--poll-seconds", "0",
                              "--log-level", "WARNING"], cwd=checkout, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+
+
+def wait_healthy(port: int, seconds: float = 180.0) -> None:
+    """Until the server on `port` answers health SERVING; SystemExit after `seconds`."""
+    from serving.client.healthcheck import check
+
+    end = time.monotonic() + seconds
+    while not check(f"127.0.0.1:{port}", timeout=1.0):
+        if time.monotonic() > end:
+            raise SystemExit(f"the server on port {port} did not become healthy")
+        time.sleep(0.2)
 
 
 def _free_port() -> int:
@@ -66,19 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from serving.client import AttnServeClient
-    from serving.client.healthcheck import check
-
     ports = {"before": _free_port(), "after": _free_port()}
     procs = [_launch(args.before.resolve(), args.repo.resolve(), args.model, ports["before"]),
              _launch(args.after.resolve(), args.repo.resolve(), args.model, ports["after"])]
     try:
         for port in ports.values():
-            for _ in range(150):
-                if check(f"127.0.0.1:{port}", timeout=1.0):
-                    break
-                time.sleep(0.2)
-            else:
-                raise SystemExit(f"the server on port {port} did not become healthy")
+            wait_healthy(port)
         clients = {k: AttnServeClient(f"127.0.0.1:{port}") for k, port in ports.items()}
         kinds = calls(args.max_new_tokens)
         supported = {}
@@ -106,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in supported:
         b, a = (statistics.median(times[(kind, w)]) for w in ("before", "after"))
         lines.append(f"| {kind} | {b * 1e3:.2f} | {a * 1e3:.2f} | {a / b:.2f}x |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    publish("\n".join(lines) + "\n", args.out)
     return 0
 
 

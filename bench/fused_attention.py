@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import publish
+
 SHAPES = [("dates", 4, 32), ("base", 8, 64)]  # (model, heads, head_dim)
 BATCHES = (1, 16)
 PASTS = (8, 128)
@@ -134,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=300)
     p.add_argument("--out", type=Path, default=Path("out/fused_attention.md"))
     args = p.parse_args(argv)
-    text = markdown(measure(args.repeats))
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    publish(markdown(measure(args.repeats)), args.out)
     return 0
 
 

@@ -120,6 +120,13 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def publish(text: str, path: Path) -> None:
+    """A bench's Markdown: printed, and written to `path` (its folder made)."""
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def write_json(r: dict, path: Path) -> None:
     Path(path).write_text(json.dumps(r, indent=2), encoding="utf-8")
 

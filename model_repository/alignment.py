@@ -67,21 +67,19 @@ class AlignmentMethod:
     def mass(self, weights: np.ndarray) -> np.ndarray:
         """The chosen heads' attention (S,) of one step, summed (the argmax of a sum is that of the mean);
         `weights` (L, nh, S). One einsum: fancy indexing and a mean cost 4x as much per token."""
-        coef = self._coef.get(weights.shape[:2])
-        if coef is None:
-            coef = np.zeros(weights.shape[:2], np.float32)  # (L, nh)
-            coef[tuple(zip(*self.heads, strict=True))] = 1.0
-            self._coef[weights.shape[:2]] = coef
-        return np.einsum("lh,lhs->s", coef, weights)  # (S,)
+        return np.einsum("lh,lhs->s", self._weights(*weights.shape[:2]), weights)  # (S,)
 
     def masses(self, cross: np.ndarray) -> np.ndarray:
         """The same for every row of a decoder step at once: `cross` (L, B, nh, 1, T_k) -> (B, T_k)."""
-        coef = self._coef.get((cross.shape[0], cross.shape[2]))
+        return np.einsum("lh,lbhqs->bs", self._weights(cross.shape[0], cross.shape[2]), cross)  # (B, T_k)
+
+    def _weights(self, n_layers: int, n_heads: int) -> np.ndarray:
+        """(L, nh): 1 for the chosen heads, 0 elsewhere; made once per model shape."""
+        coef = self._coef.get((n_layers, n_heads))
         if coef is None:
-            coef = np.zeros((cross.shape[0], cross.shape[2]), np.float32)  # (L, nh)
+            coef = self._coef[(n_layers, n_heads)] = np.zeros((n_layers, n_heads), np.float32)
             coef[tuple(zip(*self.heads, strict=True))] = 1.0
-            self._coef[coef.shape] = coef
-        return np.einsum("lh,lbhqs->bs", coef, cross)  # (B, T_k)
+        return coef
 
 
 @functools.lru_cache(maxsize=64)
