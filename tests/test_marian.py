@@ -69,6 +69,11 @@ def test_tokenizers_are_id_for_id_transformers(request, which):
         want = hf_tok(text)["input_ids"]
         assert tok.encode(text) == want, text
         assert serving.encode(text) == want, text
+        spans = serving.spans(text)  # where each token is in the text, for alignments
+        assert len(spans) == len(want) and spans[-1][0] == spans[-1][1] == len(text), text  # </s>: nothing
+        assert all(0 <= a <= b <= len(text) for a, b in spans) and [a for a, _ in spans] == sorted(a for a, _ in spans)
+        covered = "".join(text[a:b] for a, b in spans)
+        assert covered.replace(" ", "") == text.replace(" ", ""), (text, covered)
     rng = np.random.default_rng(0)
     for _ in range(200):
         ids = rng.integers(0, tok.vocab_size, size=rng.integers(0, 20)).tolist()
@@ -159,6 +164,12 @@ def test_imported_model_exports_and_serves_the_same_tokens_with_attention(marian
                     assert len(step) == model.config.n_decoder_layers
                     weights = np.asarray(step[-1].weights).reshape(model.config.n_heads, 1, S)
                     np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+            aligned = client.predict(texts[0], model="opus-tiny", max_new_tokens=MAX_NEW, alignment=True)
+            assert aligned.alignment and all(0 <= x.source_start < x.source_end <= len(texts[0]) and
+                                             0 <= x.target_start < x.target_end <= len(aligned.text)
+                                             for x in aligned.alignment)
+            manifest = json.loads((repo / "opus-tiny" / "1" / "manifest.json").read_text())
+            assert manifest["alignment"]["chosen_by"] == "default" and manifest["alignment"]["measured"] is None
             beam = client.predict(texts[0], model="opus-tiny", beam_size=4, max_new_tokens=MAX_NEW)
             best = beam_search(model, marian["tok"].encode(texts[0]), beam_size=4, max_new_tokens=MAX_NEW)[0]
             assert [t.id for t in beam.tokens] == best[0]
