@@ -92,9 +92,9 @@ def up_to_date(repo: Path, name: str, checkpoint: Path, quantize: str | None) ->
     return latest if same and manifest.precision == (quantize or "fp32") else None
 
 
-def _held_out(config: dict, tok, vocab: int, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    """The task's test split; where the training data cannot be found, random token strings stand in."""
-    task = task_of_checkpoint(config)
+def _held_out(task, tok, vocab: int, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """The task's test split; where the training data cannot be found (`task` None), random token strings stand
+    in."""
     held = [(tok.encode(s), tok.encode(t)) for s, t in task.test[:n]] if task is not None else []
     rng = random.Random(seed)  # a small or missing test split is topped up so every check sees n inputs
     return held + [([rng.randrange(4, vocab) for _ in range(rng.randint(1, 24))], []) for _ in range(n - len(held))]
@@ -134,7 +134,8 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
         progress("[3/7] onnx.checker full check")
         check_graphs(paths)
         sessions = {name: session(path, provider=cfg.validate_on) for name, path in paths.items()}
-        held = _held_out(ckpt_config, tok, model.config.src_vocab_size,
+        task = task_of_checkpoint(ckpt_config)  # built once: the checks and the alignment read it
+        held = _held_out(task, tok, model.config.src_vocab_size,
                          max(cfg.parity_inputs, cfg.greedy_inputs), cfg.seed)
         progress(f"[4/7] parity with PyTorch on {cfg.parity_inputs} held-out inputs (batches of 16, padded)")
         report = {"parity": parity(model, sessions, [s for s, _ in held[:cfg.parity_inputs]],
@@ -151,7 +152,7 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
         else:
             progress("[6/7] no quantization requested")
         progress(f"[7/7] alignment: the heads that align best on {cfg.alignment_pairs} held-out pairs' gold")
-        alignment = alignment_record(model, tok, task_of_checkpoint(ckpt_config), cfg.alignment_pairs,
+        alignment = alignment_record(model, tok, task, cfg.alignment_pairs,
                                      cfg.alignment_pairs, progress)
         report["weights"] = _share(paths, staging, sessions, mcfg, [s for s, _ in held[:16]], cfg, progress)
         report["validated_on"] = cfg.validate_on

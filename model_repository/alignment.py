@@ -64,13 +64,10 @@ class AlignmentMethod:
         share its einsum."""
         return _interned, (self.heads, self.shift)
 
-    def mass(self, weights: np.ndarray) -> np.ndarray:
-        """The chosen heads' attention (S,) of one step, summed (the argmax of a sum is that of the mean);
-        `weights` (L, nh, S). One einsum: fancy indexing and a mean cost 4x as much per token."""
-        return np.einsum("lh,lhs->s", self._weights(*weights.shape[:2]), weights)  # (S,)
-
     def masses(self, cross: np.ndarray) -> np.ndarray:
-        """The same for every row of a decoder step at once: `cross` (L, B, nh, 1, T_k) -> (B, T_k)."""
+        """The chosen heads' attention of every row of a decoder step, summed (the argmax of a sum is that of the
+        mean): `cross` (L, B, nh, 1, T_k) -> (B, T_k). One einsum for the batch: fancy indexing and a mean per
+        row cost 4x as much per token."""
         return np.einsum("lh,lbhqs->bs", self._weights(cross.shape[0], cross.shape[2]), cross)  # (B, T_k)
 
     def _weights(self, n_layers: int, n_heads: int) -> np.ndarray:
@@ -100,7 +97,8 @@ def source_mask(spans: list[tuple[int, int]], text: str) -> tuple[np.ndarray | N
 
 
 class Aligner:
-    """The links of one output, built as it is decoded: `step()` per decoder step (the step's attention),
+    """The links of one output, built as it is decoded: `step()` per decoder step (its row of the step's
+    `method.masses`),
     `token()` per output token (the text it released), `ready()` the links complete since the last call,
     `finish()` the rest. With shift 1 a token's link is complete one step after the token; a last token that no
     step followed (a length limit) takes its own step's attention. An output token with a letter or digit links to
@@ -116,12 +114,8 @@ class Aligner:
         self.given = 0  # tokens whose links were handed out
         self.all: list[Link] = []  # the links handed out so far
 
-    def step(self, weights: np.ndarray) -> None:
-        """`weights` (L, nh, S): one step's cross-attention of this output's row."""
-        self.masses.append(self.method.mass(weights)[: len(self.spans)])
-
-    def step_mass(self, mass: np.ndarray) -> None:
-        """One step's `method.masses` row of this output (T_k,), computed for the whole batch at once."""
+    def step(self, mass: np.ndarray) -> None:
+        """One decoder step: this output's row (T_k,) of the step's `method.masses`."""
         self.masses.append(mass[: len(self.spans)])
 
     def token(self, start: int, end: int, text: str) -> None:

@@ -67,10 +67,11 @@ def decode_with_attention(model: Seq2SeqTransformer, tok, sources: list[str], ma
 
 
 def links_of(d: Decoded, method: AlignmentMethod) -> list[Link]:
-    """The links the server gives for this output (the same `Aligner`, fed offline)."""
+    """The links the server gives for this output: the same `Aligner`, fed the same einsum, every step at once."""
     aligner = Aligner(method, d.spans, d.source)
-    for t in range(d.cross.shape[2]):
-        aligner.step(d.cross[:, :, t])  # (L, nh, S)
+    steps = method.masses(d.cross.transpose(0, 2, 1, 3)[:, :, :, None, :])  # (L, T+1, nh, 1, S) -> (T+1, S)
+    for t, mass in enumerate(steps):
+        aligner.step(mass)
         if t < len(d.targets):
             start, end = d.targets[t]
             aligner.token(start, end, d.text[start:end])
@@ -148,24 +149,23 @@ def choose(decoded: list[Decoded], pairs: list[tuple[str, str]], task: str, n_la
     return best, table
 
 
-def markup_score(model: Seq2SeqTransformer, tok, pairs: list[tuple[str, str]], task: str,
-                 method: AlignmentMethod, max_new_tokens: int = 48) -> dict:
-    """Wrap each gold source span in its own tag (<f0>..</f0>, ...), translate the plain text, place the tags by
-    the alignment, and count outputs that are well-formed with every tag once, and tags around their gold output
-    span (a `dates` field: the year, month or day)."""
-    marked, golds = [], []
-    for src, tgt in pairs:
-        gold = sorted(gold_alignment(task, src, tgt) or [])
-        text, at = "", 0
-        for k, (ss, se, _ts, _te) in enumerate(gold):
-            text += src[at:ss] + f"<f{k}>" + src[ss:se] + f"</f{k}>"
-            at = se
-        marked.append(text + src[at:])
-        golds.append(gold)
-    decoded = decode_with_attention(model, tok, [parse(m).plain for m in marked], max_new_tokens)
+def marked(source: str, gold: list[tuple[int, int, int, int]]) -> str:
+    """The source with each gold source span in its own tag, in source order: <f0>..</f0>, <f1>..</f1>, ..."""
+    text, at = "", 0
+    for k, (ss, se, _ts, _te) in enumerate(sorted(gold)):
+        text += source[at:ss] + f"<f{k}>" + source[ss:se] + f"</f{k}>"
+        at = se
+    return text + source[at:]
+
+
+def markup_score(decoded: list[Decoded], pairs: list[tuple[str, str]], task: str, method: AlignmentMethod) -> dict:
+    """Wrap each gold source span in its own tag, place the tags in the output by the alignment (the tags out,
+    the source is the text `decoded` read), and count outputs that are well-formed with every tag once, and tags
+    around their gold output span (a `dates` field: the year, month or day)."""
     tags = right = well_formed = 0
-    for m, gold, d, (_src, tgt) in zip(marked, golds, decoded, pairs, strict=True):
-        markup = parse(m)
+    for d, (src, tgt) in zip(decoded, pairs, strict=True):
+        gold = sorted(gold_alignment(task, src, tgt) or [])
+        markup = parse(marked(src, gold))
         out = place(markup, d.text, links_of(d, method))
         again = parse(out)  # raises if not well-formed
         names = [t.name for t in again.all_tags()]
@@ -179,25 +179,37 @@ def markup_score(model: Seq2SeqTransformer, tok, pairs: list[tuple[str, str]], t
             "tags_right_rate": round(right / max(tags, 1), 5)}
 
 
+def has_gold(task) -> bool:
+    return task is not None and gold_alignment(task.name, *task.validation[0]) is not None
+
+
+def measure(model: Seq2SeqTransformer, tok, task, splits: dict, pairs_to_choose: int,
+            pairs_to_measure: int) -> tuple[AlignmentMethod, dict]:
+    """Choose the method on the task's validation pairs, then score it (links and markup) on each of `splits`;
+    the figures by split name, the validation's as `chosen_on`. The task must have gold."""
+    cfg = model.config
+    pairs = task.validation[:pairs_to_choose]
+    method, table = choose(decode_with_attention(model, tok, [s for s, _ in pairs]), pairs, task.name,
+                           cfg.n_decoder_layers, cfg.n_heads)
+    measured = {"chosen_on": {"split": "validation", **table[0][1].summary()}, "candidates_tried": len(table)}
+    for name, split in splits.items():
+        pairs = split[:pairs_to_measure]
+        decoded = decode_with_attention(model, tok, [s for s, _ in pairs])  # the marked-up sources read the same
+        measured[name] = {**score(decoded, pairs, task.name, method).summary(),
+                          "markup": markup_score(decoded, pairs, task.name, method)}
+    return method, measured
+
+
 def alignment_record(model: Seq2SeqTransformer, tok, task, pairs_to_choose: int = 500, pairs_to_measure: int = 1000,
                      progress=print) -> dict:
     """What export writes to the manifest's `alignment`: the method chosen on the task's validation pairs and its
     figures on every test set, or, for a task without gold (user corpora, imported models), the default method."""
-    cfg = model.config
-    if task is None or gold_alignment(task.name, *task.validation[0]) is None:
-        method = AlignmentMethod.default(cfg.n_decoder_layers, cfg.n_heads)
+    if not has_gold(task):
+        method = AlignmentMethod.default(model.config.n_decoder_layers, model.config.n_heads)
         progress(f"      no gold alignment for this task: the default method ({method.describe()})")
         return {"method": method.to_dict(), "chosen_by": "default", "measured": None}
-    pairs = task.validation[:pairs_to_choose]
-    method, table = choose(decode_with_attention(model, tok, [s for s, _ in pairs]), pairs, task.name,
-                           cfg.n_decoder_layers, cfg.n_heads)
-    measured = {"chosen_on": {"split": "validation", **table[0][1].summary()},
-                "candidates_tried": len(table)}
-    for name, split in {"test": task.test, **task.extra_tests}.items():
-        pairs = split[:pairs_to_measure]
-        measured[name] = score(decode_with_attention(model, tok, [s for s, _ in pairs]), pairs, task.name,
-                               method).summary()
-        measured[name]["markup"] = markup_score(model, tok, pairs, task.name, method)
-    figures = ", ".join(f"{n} {measured[n]['links_aligned_rate']:.2%}" for n in ("test", *task.extra_tests))
+    splits = {"test": task.test, **task.extra_tests}
+    method, measured = measure(model, tok, task, splits, pairs_to_choose, pairs_to_measure)
+    figures = ", ".join(f"{n} {measured[n]['links_aligned_rate']:.2%}" for n in splits)
     progress(f"      {method.describe()}: gold links aligned {figures}")
     return {"method": method.to_dict(), "chosen_by": "gold", "measured": measured}

@@ -54,25 +54,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _alignment(model, tok, task, splits: dict, n: int) -> int:
-    from .alignment_eval import choose, decode_with_attention, markup_score, score
-    from .tasks import gold_alignment
+    from .alignment_eval import has_gold, measure
 
-    if gold_alignment(task.name, *task.validation[0]) is None:
+    if not has_gold(task):
         print(f"attnserve evaluate: error: task {task.name!r} has no gold alignment (dates, reverse and copy do)",
               file=sys.stderr)
         return 2
     start = time.monotonic()
-    pairs = task.validation[:n]
-    method, table = choose(decode_with_attention(model, tok, [s for s, _ in pairs]), pairs, task.name,
-                           model.config.n_decoder_layers, model.config.n_heads)
-    best = table[0][1].summary()
-    print(f"{task.name}: alignment method chosen on {len(pairs)} validation pairs among {len(table)} tried: "
-          f"{method.describe()} (validation: {best['links_aligned_rate']:.2%} of gold links aligned)")
-    for name, split in splits.items():
-        pairs = split[:n]
-        s = score(decode_with_attention(model, tok, [x for x, _ in pairs]), pairs, task.name, method).summary()
-        m = markup_score(model, tok, pairs, task.name, method)
-        print(f"{task.name} {name} ({len(pairs)} held-out pairs): gold links aligned {s['links_aligned_rate']:.2%} "
+    method, measured = measure(model, tok, task, splits, n, n)
+    best = measured["chosen_on"]
+    print(f"{task.name}: alignment method chosen on {min(n, len(task.validation))} validation pairs among "
+          f"{measured['candidates_tried']} tried: {method.describe()} (validation: "
+          f"{best['links_aligned_rate']:.2%} of gold links aligned)")
+    for name in splits:
+        s, m = measured[name], measured[name]["markup"]
+        print(f"{task.name} {name} ({s['pairs']} held-out pairs): gold links aligned {s['links_aligned_rate']:.2%} "
               f"({s['links_aligned']}/{s['gold_links']}), precision {s['precision']:.4f}, recall {s['recall']:.4f}, "
               f"AER {s['aer']:.4f}; markup: well-formed {m['well_formed_rate']:.2%}, tags on their field "
               f"{m['tags_right_rate']:.2%} ({m['tags_right']}/{m['tags']})")

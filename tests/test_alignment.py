@@ -18,6 +18,7 @@ import tritonclient.grpc as tc
 from model_repository.alignment import Link, word_links
 from model_repository.markup import MarkupError, parse, place
 from model_repository.tokenizer import CharTokenizer
+from model_src.alignment_eval import marked as mark_fields
 from model_src.tasks import MONTHS, _date_parts, _joined, dates_task, gold_alignment
 from serving.client import AttnServeClient
 
@@ -207,18 +208,10 @@ def test_beam_search_aligns_the_hypothesis_it_returns(client):
             assert _links(beam.alignment) == _links(greedy.alignment)
 
 
-def _marked(src: str, tgt: str) -> str:
-    text, at = "", 0
-    for k, (ss, se, _ts, _te) in enumerate(sorted(gold_alignment("dates", src, tgt))):
-        text += src[at:ss] + f"<f{k}>" + src[ss:se] + f"</f{k}>"
-        at = se
-    return text + src[at:]
-
-
 def test_markup_lands_on_the_right_fields_and_is_always_well_formed(client):
     right = tags = 0
     for src, tgt in PAIRS:
-        marked = _marked(src, tgt)
+        marked = mark_fields(src, gold_alignment("dates", src, tgt))
         r = client.predict(marked, markup=True)
         out = parse(r.markup)
         assert out.plain == r.text and sorted(t.name for t in out.all_tags()) == ["f0", "f1", "f2"]

@@ -181,7 +181,7 @@ class SequenceJob(Job):
                                 self.shape.suppress_ids)
         self.first_token = self.first_token or step.now
         if aligner is not None:
-            aligner.step_mass(step.mass(self.align.method)[first])
+            aligner.step(step.mass(self.align.method)[first])
         if token == self.shape.eos_id:
             self.text = self.detokenizer.finish()
             return [self._aligned_finish("eos", step.now)]
