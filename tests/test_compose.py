@@ -106,6 +106,10 @@ def stack():
     finally:
         s.run("down", "-v", "--remove-orphans", check=False, timeout=300)
         subprocess.run(["docker", "image", "prune", "-f"], capture_output=True, timeout=300)  # superseded layers
+        # Every source change rebuilds the pip layers (the export image's alone is ~5 GB): keep the build cache to
+        # about one build's worth, so that repeated runs do not fill the disk.
+        subprocess.run(["docker", "builder", "prune", "-f", "--keep-storage", "12GB"], capture_output=True,
+                       timeout=600)
 
 
 def test_the_server_answers_through_its_published_port_and_exports_metrics(stack):
