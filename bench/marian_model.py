@@ -69,8 +69,11 @@ def _filled(pieces: list[str], size: int) -> list[str]:
     return [*pieces, *(f"\u2581filler{i}" for i in range(size - 1 - len(pieces))), "<pad>"]
 
 
-def build_marian(out: Path, shape: MarianShape = MarianShape()) -> Path:
-    """Write a Marian model folder (config, safetensors, source.spm, target.spm, vocab.json, tokenizer config)."""
+def build_marian(out: Path, shape: MarianShape = MarianShape(),
+                 texts: tuple[list[str], list[str]] | None = None, spm_vocab: int = 60) -> Path:
+    """Write a Marian model folder (config, safetensors, source.spm, target.spm, vocab.json, tokenizer config).
+    `texts`: the (source, target) sentences to train the SentencePiece models on (default: generated from
+    SOURCE_WORDS and TARGET_WORDS)."""
     import sentencepiece
     import torch
     from transformers import MarianConfig, MarianMTModel, MarianTokenizer
@@ -78,8 +81,10 @@ def build_marian(out: Path, shape: MarianShape = MarianShape()) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spms = {}
-    for name, words, seed in (("source.spm", SOURCE_WORDS, shape.seed), ("target.spm", TARGET_WORDS, shape.seed + 1)):
-        spms[name] = _train_spm(sentences(words, 2000, seed), 60)
+    if texts is None:
+        texts = sentences(SOURCE_WORDS, 2000, shape.seed), sentences(TARGET_WORDS, 2000, shape.seed + 1)
+    for name, side in zip(("source.spm", "target.spm"), texts, strict=True):
+        spms[name] = _train_spm(side, spm_vocab)
         (out / name).write_bytes(spms[name])
     processors = {name: sentencepiece.SentencePieceProcessor(model_proto=data) for name, data in spms.items()}
     if shape.separate_vocabs:  # one vocabulary per side, <pad> at the same id in both (Marian's pad_token_id)

@@ -34,6 +34,10 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("--greedy-inputs", type=int, default=128, help="held-out inputs for the greedy check (>= 64)")
     p.add_argument("--if-changed", action="store_true",
                    help="do nothing if the latest version was exported from this same checkpoint")
+    p.add_argument("--alignment-data", type=Path, metavar="FILE.tsv",
+                   help="parallel sentences (source<TAB>target) for choosing the alignment heads of a model whose "
+                        "task has no gold (an imported Marian): those that agree best with a lexical baseline "
+                        "(default: the corpus the checkpoint was trained on, if any)")
     p.add_argument("--attention-tolerance", type=float, default=1e-5,
                    help="max abs difference allowed on attention probabilities (never above 1e-4)")
     args = p.parse_args(argv)
@@ -42,8 +46,11 @@ def export_main(argv: list[str] | None = None) -> int:
         p.error("--attention-tolerance may not exceed 1e-4")
     if args.greedy_inputs < 64:
         p.error("--greedy-inputs must be at least 64")
+    if args.alignment_data is not None and not args.alignment_data.is_file():
+        p.error(f"--alignment-data {args.alignment_data}: no such file")
 
     from model_src.checkpoint import CheckpointError
+    from model_src.tasks import CorpusError
 
     from .pipeline import ExportConfig, export_checkpoint, up_to_date
     from .quality import QualityGate
@@ -53,13 +60,14 @@ def export_main(argv: list[str] | None = None) -> int:
                        opset=args.opset, quantize=args.quantize,
                        validate_on=args.validate_on,
                        quality=QualityGate(args.max_quality_drop, args.min_token_agreement, args.min_chrf),
-                       greedy_inputs=args.greedy_inputs, tolerances=Tolerances(attention=args.attention_tolerance))
+                       greedy_inputs=args.greedy_inputs, tolerances=Tolerances(attention=args.attention_tolerance),
+                       alignment_data=args.alignment_data)
     try:
         if args.if_changed and (current := up_to_date(args.repo, args.name, args.checkpoint, args.quantize)):
             print(f"{current} was exported from this checkpoint already; nothing to do (--if-changed)")
             return 0
         final = export_checkpoint(cfg, progress=lambda msg: print(msg, flush=True))
-    except (CheckpointError, RepositoryError, ValidationError) as e:
+    except (CheckpointError, CorpusError, RepositoryError, ValidationError) as e:
         print(f"attnserve export: error: {e}\nnothing was published", file=sys.stderr)
         return 1
     report = open_version(final, verify_checksums=False).validation

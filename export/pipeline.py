@@ -56,6 +56,8 @@ class ExportConfig:
     seed: int = 0
     tolerances: Tolerances = field(default_factory=Tolerances)
     alignment_pairs: int = 500  # validation pairs the alignment method is chosen on, test pairs it is measured on
+    alignment_data: Path | None = None  # a parallel TSV for choosing it where the task has no gold (default: the
+    # corpus the checkpoint was trained on, if it has one)
 
 
 def _versions() -> dict:
@@ -151,9 +153,11 @@ def export_checkpoint(cfg: ExportConfig, progress: Callable[[str], None] = print
             report["quantization"], sessions = _quantize(paths, sessions, mcfg, held, tok, cfg)
         else:
             progress("[6/7] no quantization requested")
-        progress(f"[7/7] alignment: the heads that align best on {cfg.alignment_pairs} held-out pairs' gold")
-        alignment = alignment_record(model, tok, task, cfg.alignment_pairs,
-                                     cfg.alignment_pairs, progress)
+        progress(f"[7/7] alignment: the heads that align best on {cfg.alignment_pairs} held-out pairs")
+        corpus = cfg.alignment_data or (Path(ckpt_config["data"]) if ckpt_config.get("data") else None)
+        alignment = alignment_record(model, tok, task, cfg.alignment_pairs, cfg.alignment_pairs, progress,
+                                     corpus=corpus if corpus is not None and corpus.is_file() else None,
+                                     seed=ckpt_config.get("training", {}).get("seed", 0))
         report["weights"] = _share(paths, staging, sessions, mcfg, [s for s, _ in held[:16]], cfg, progress)
         report["validated_on"] = cfg.validate_on
         shutil.copy(cfg.checkpoint / ckpt_config.get("tokenizer", TOKENIZER), staging / TOKENIZER)

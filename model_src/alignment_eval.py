@@ -12,20 +12,26 @@ An output that differs from the reference counts all its gold links as missed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-from model_repository.alignment import Aligner, AlignmentMethod, Link
+from model_repository.alignment import Aligner, AlignmentMethod, Link, word_links
 from model_repository.markup import parse, place
 from model_repository.tokenizer import Detokenizer
 
 from .decoding import generate, pad_batch
+from .lexical import DiceLexicon, agreement
 from .model import Seq2SeqTransformer
-from .tasks import gold_alignment
+from .tasks import gold_alignment, tsv_task
 
 BATCH = 128
+S = TypeVar("S")
 
 
 @dataclass
@@ -127,25 +133,25 @@ def _key(s: AlignmentScore) -> tuple:
     return -s.rate, s.summary()["aer"]
 
 
-def choose(decoded: list[Decoded], pairs: list[tuple[str, str]], task: str, n_layers: int,
-           n_heads: int) -> tuple[AlignmentMethod, list[tuple[AlignmentMethod, AlignmentScore]]]:
-    """The heads to average and the shift, by forward selection on gold: each single head with each shift, each
-    layer's heads averaged and every head averaged; then, from the best, add the head that helps most while one
-    does. Ranked by gold links aligned, then AER. Returns the best and the table of what was tried, best first."""
+def choose(n_layers: int, n_heads: int, rate: Callable[[AlignmentMethod], S],
+           key: Callable[[S], tuple]) -> tuple[AlignmentMethod, list[tuple[AlignmentMethod, S]]]:
+    """The heads to average and the shift, by forward selection: each single head with each shift, each layer's
+    heads averaged and every head averaged; then, from the best, add the head that helps most while one does.
+    `rate` scores a method, `key` orders scores (lowest best). Returns the best and what was tried, best first."""
     every = [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
     groups = [(x,) for x in every] + [tuple((layer, h) for h in range(n_heads)) for layer in range(n_layers)]
     groups += [tuple(every)] if n_layers > 1 else []
-    tried = {m: score(decoded, pairs, task, m) for g in groups for m in (AlignmentMethod(g, 0), AlignmentMethod(g, 1))}
-    best = min(tried, key=lambda m: _key(tried[m]))
+    tried = {m: rate(m) for g in groups for m in (AlignmentMethod(g, 0), AlignmentMethod(g, 1))}
+    best = min(tried, key=lambda m: key(tried[m]))
     while True:
         grown = [AlignmentMethod((*best.heads, x), best.shift) for x in every if x not in best.heads]
         for m in grown:
-            tried.setdefault(m, score(decoded, pairs, task, m))
-        top = min(grown, key=lambda m: _key(tried[m]), default=None)
-        if top is None or _key(tried[top]) >= _key(tried[best]):
+            tried.setdefault(m, rate(m))
+        top = min(grown, key=lambda m: key(tried[m]), default=None)
+        if top is None or key(tried[top]) >= key(tried[best]):
             break
         best = top
-    table = sorted(tried.items(), key=lambda x: _key(x[1]))
+    table = sorted(tried.items(), key=lambda x: key(x[1]))
     return best, table
 
 
@@ -179,6 +185,41 @@ def markup_score(decoded: list[Decoded], pairs: list[tuple[str, str]], task: str
             "tags_right_rate": round(right / max(tags, 1), 5)}
 
 
+def lexical_agreement(decoded: list[Decoded], lexicon: DiceLexicon, method: AlignmentMethod) -> dict:
+    """Where no gold exists: the word links of `method` against the lexical baseline's on the same outputs.
+    precision: of the method's word links, those the baseline also makes; recall: of the baseline's, those the
+    method makes; agreement: their F1 (1 - AER with the baseline's links taken as sure)."""
+    both = mine = theirs = 0
+    for d in decoded:
+        b, m, r = agreement(word_links(links_of(d, method), d.source, d.text), lexicon.align(d.source, d.text))
+        both, mine, theirs = both + b, mine + m, theirs + r
+    p, r = both / max(mine, 1), both / max(theirs, 1)
+    return {"pairs": len(decoded), "word_links": mine, "baseline_links": theirs, "in_both": both,
+            "precision": round(p, 5), "recall": round(r, 5), "agreement": round(2 * p * r / (p + r) if p + r else 0, 5)}
+
+
+def _lexical_key(a: dict) -> tuple:
+    return -a["agreement"], -a["precision"]
+
+
+def measure_lexical(model: Seq2SeqTransformer, tok, lexicon: DiceLexicon, choose_on: list[tuple[str, str]],
+                    splits: dict) -> tuple[AlignmentMethod, dict]:
+    """Where no gold exists: choose the method by its agreement with the lexical baseline on `choose_on`'s sources
+    (the model's own outputs), then report it, and the default's, on each of `splits`."""
+    cfg = model.config
+    decoded = decode_with_attention(model, tok, [s for s, _ in choose_on])
+    method, table = choose(cfg.n_decoder_layers, cfg.n_heads, lambda m: lexical_agreement(decoded, lexicon, m),
+                           _lexical_key)
+    default = AlignmentMethod.default(cfg.n_decoder_layers, cfg.n_heads)
+    measured = {"baseline": f"Dice over {lexicon.pairs} corpus pairs, competitive linking",
+                "chosen_on": {"split": "validation", **table[0][1]}, "candidates_tried": len(table)}
+    for name, split in splits.items():
+        decoded = decode_with_attention(model, tok, [s for s, _ in split])
+        measured[name] = {**lexical_agreement(decoded, lexicon, method),
+                          "default_method": lexical_agreement(decoded, lexicon, default)}
+    return method, measured
+
+
 def has_gold(task) -> bool:
     return task is not None and gold_alignment(task.name, *task.validation[0]) is not None
 
@@ -189,8 +230,8 @@ def measure(model: Seq2SeqTransformer, tok, task, splits: dict, pairs_to_choose:
     the figures by split name, the validation's as `chosen_on`. The task must have gold."""
     cfg = model.config
     pairs = task.validation[:pairs_to_choose]
-    method, table = choose(decode_with_attention(model, tok, [s for s, _ in pairs]), pairs, task.name,
-                           cfg.n_decoder_layers, cfg.n_heads)
+    decoded = decode_with_attention(model, tok, [s for s, _ in pairs])
+    method, table = choose(cfg.n_decoder_layers, cfg.n_heads, lambda m: score(decoded, pairs, task.name, m), _key)
     measured = {"chosen_on": {"split": "validation", **table[0][1].summary()}, "candidates_tried": len(table)}
     for name, split in splits.items():
         pairs = split[:pairs_to_measure]
@@ -200,16 +241,34 @@ def measure(model: Seq2SeqTransformer, tok, task, splits: dict, pairs_to_choose:
     return method, measured
 
 
+def corpus_lexicon(path: Path, lines: int = 100_000) -> DiceLexicon:
+    """The lexical baseline's counts over a TSV corpus's first `lines` pairs, every split (word aligners are run
+    on the whole parallel text, the pairs they are asked about included)."""
+    from .data import Corpus
+
+    return DiceLexicon(pair for _, pair in islice(Corpus(Path(path)).lines(), lines))
+
+
 def alignment_record(model: Seq2SeqTransformer, tok, task, pairs_to_choose: int = 500, pairs_to_measure: int = 1000,
-                     progress=print) -> dict:
+                     progress=print, corpus: Path | None = None, seed: int = 0) -> dict:
     """What export writes to the manifest's `alignment`: the method chosen on the task's validation pairs and its
-    figures on every test set, or, for a task without gold (user corpora, imported models), the default method."""
-    if not has_gold(task):
-        method = AlignmentMethod.default(model.config.n_decoder_layers, model.config.n_heads)
-        progress(f"      no gold alignment for this task: the default method ({method.describe()})")
-        return {"method": method.to_dict(), "chosen_by": "default", "measured": None}
-    splits = {"test": task.test, **task.extra_tests}
-    method, measured = measure(model, tok, task, splits, pairs_to_choose, pairs_to_measure)
-    figures = ", ".join(f"{n} {measured[n]['links_aligned_rate']:.2%}" for n in splits)
-    progress(f"      {method.describe()}: gold links aligned {figures}")
-    return {"method": method.to_dict(), "chosen_by": "gold", "measured": measured}
+    figures on every test set; for a task without gold but with a parallel corpus (one it was trained on, or one
+    given for an imported model), the method that agrees best with the lexical baseline; else the default."""
+    cfg = model.config
+    if has_gold(task):
+        splits = {"test": task.test, **task.extra_tests}
+        method, measured = measure(model, tok, task, splits, pairs_to_choose, pairs_to_measure)
+        figures = ", ".join(f"{n} {measured[n]['links_aligned_rate']:.2%}" for n in splits)
+        progress(f"      {method.describe()}: gold links aligned {figures}")
+        return {"method": method.to_dict(), "chosen_by": "gold", "measured": measured}
+    if corpus is not None:
+        held = tsv_task(Path(corpus), seed)
+        method, measured = measure_lexical(model, tok, corpus_lexicon(corpus), held.validation[:pairs_to_choose],
+                                           {"test": held.test[:pairs_to_measure]})
+        t = measured["test"]
+        progress(f"      no gold; {method.describe()}: agreement with the lexical baseline {t['agreement']:.4f} "
+                 f"(the default's {t['default_method']['agreement']:.4f}) on {t['pairs']} pairs of {corpus}")
+        return {"method": method.to_dict(), "chosen_by": "lexical", "measured": measured}
+    method = AlignmentMethod.default(cfg.n_decoder_layers, cfg.n_heads)
+    progress(f"      no gold alignment and no parallel corpus: the default method ({method.describe()})")
+    return {"method": method.to_dict(), "chosen_by": "default", "measured": None}

@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, help="TSV corpus the checkpoint was trained on (default: its task)")
     p.add_argument("--alignment", action="store_true",
                    help="measure alignments against the task's gold instead: choose the heads on the validation "
-                        "split, then report links aligned, precision, recall, AER and markup on each test set")
+                        "split, then report links aligned, precision, recall, AER and markup on each test set; "
+                        "for a corpus without gold (--data, or the one it was trained on), agreement with a "
+                        "lexical baseline")
     p.add_argument("--pairs", type=int, default=1000, help="pairs per split for --alignment (default 1000)")
     p.add_argument("--split", help="validation, test or one of the task's other held-out sets (dates: test_years); "
                    "default: test and every other held-out set")
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = [args.split] if args.split else ["test", *task.extra_tests]
     if args.alignment:
-        return _alignment(model, tok, task, {n: splits[n] for n in names}, args.pairs)
+        data = args.data or (Path(config["data"]) if config.get("data") else None)
+        return _alignment(model, tok, task, {n: splits[n] for n in names}, args.pairs, data, seed)
     for name in names:
         pairs = encode_pairs(tok, splits[name])
         start = time.monotonic()
@@ -53,13 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _alignment(model, tok, task, splits: dict, n: int) -> int:
+def _alignment(model, tok, task, splits: dict, n: int, data: Path | None, seed: int) -> int:
     from .alignment_eval import has_gold, measure
 
     if not has_gold(task):
-        print(f"attnserve evaluate: error: task {task.name!r} has no gold alignment (dates, reverse and copy do)",
-              file=sys.stderr)
-        return 2
+        if data is None:
+            print(f"attnserve evaluate: error: task {task.name!r} has no gold alignment (dates, reverse and copy "
+                  "do), and no parallel corpus for the lexical baseline: pass --data FILE.tsv", file=sys.stderr)
+            return 2
+        return _lexical(model, tok, task, splits, n, data, seed)
     start = time.monotonic()
     method, measured = measure(model, tok, task, splits, n, n)
     best = measured["chosen_on"]
@@ -72,5 +77,27 @@ def _alignment(model, tok, task, splits: dict, n: int) -> int:
               f"({s['links_aligned']}/{s['gold_links']}), precision {s['precision']:.4f}, recall {s['recall']:.4f}, "
               f"AER {s['aer']:.4f}; markup: well-formed {m['well_formed_rate']:.2%}, tags on their field "
               f"{m['tags_right_rate']:.2%} ({m['tags_right']}/{m['tags']})")
+    print(f"[{time.monotonic() - start:.1f} s]")
+    return 0
+
+
+def _lexical(model, tok, task, splits: dict, n: int, data: Path, seed: int) -> int:
+    """No gold: choose the heads by agreement with a lexical baseline (Dice over the corpus, competitive linking)
+    on the validation pairs' outputs, as export does, and report it and the default method on each split."""
+    from .alignment_eval import corpus_lexicon, measure_lexical
+    from .tasks import tsv_task
+
+    start = time.monotonic()
+    lexicon = corpus_lexicon(data)
+    held = tsv_task(data, seed)
+    method, measured = measure_lexical(model, tok, lexicon, held.validation[:n], {k: v[:n] for k, v in splits.items()})
+    print(f"{task.name}: no gold alignment; word links compared with a lexical baseline ({measured['baseline']}) on "
+          f"the model's own outputs. Chosen on {min(n, len(held.validation))} validation pairs among "
+          f"{measured['candidates_tried']} tried: {method.describe()}")
+    for name in splits:
+        for label, a in (("chosen", measured[name]), ("default", measured[name]["default_method"])):
+            print(f"{task.name} {name} ({a['pairs']} held-out pairs), the {label} method: agreement "
+                  f"{a['agreement']:.4f}, precision {a['precision']:.4f}, recall {a['recall']:.4f} "
+                  f"({a['in_both']:,} of {a['word_links']:,} word links; the baseline made {a['baseline_links']:,})")
     print(f"[{time.monotonic() - start:.1f} s]")
     return 0

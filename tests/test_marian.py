@@ -17,6 +17,7 @@ import transformers
 
 from bench.marian_model import SOURCE_WORDS, MarianShape, build_marian, sentences
 from export.pipeline import ExportConfig, export_checkpoint
+from model_repository.alignment import AlignmentMethod
 from model_repository.tokenizer import Detokenizer, tokenizer_from_dict
 from model_src.checkpoint import load_model
 from model_src.decoding import beam_search, generate, pad_batch
@@ -203,3 +204,38 @@ def test_what_cannot_be_expressed_is_refused_by_name(marian, tmp_path, edit, dro
     with pytest.raises(MarianImportError, match=message.replace("(", r"\(")):
         import_marian(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_parallel_data_chooses_the_heads_of_an_imported_model_by_the_lexical_baseline(marian, tmp_path, capsys):
+    from model_src.alignment_eval import corpus_lexicon, decode_with_attention, links_of
+    from model_src.evaluate import main as evaluate
+
+    sources = sentences(SOURCE_WORDS, 300, seed=5)
+    outputs = [d.text for d in decode_with_attention(marian["model"], marian["tok"], sources, MAX_NEW)]
+    data = tmp_path / "parallel.tsv"  # the model's own outputs stand in for translations (its weights are random)
+    data.write_text("".join(f"{s}\t{t}\n" for s, t in zip(sources, outputs, strict=True) if t.strip()))
+    repo = tmp_path / "repo"
+    export_checkpoint(ExportConfig(checkpoint=marian["ckpt"], repo=repo, name="opus-tiny", alignment_pairs=100,
+                                   alignment_data=data), progress=lambda _: None)
+    record = json.loads((repo / "opus-tiny" / "1" / "manifest.json").read_text())["alignment"]
+    assert record["chosen_by"] == "lexical"
+    test = record["measured"]["test"]
+    assert 0 < test["pairs"] <= 100 and 0 <= test["agreement"] <= 1 and "agreement" in test["default_method"]
+    method = AlignmentMethod.from_dict(record["method"])
+    server = start(repo, max_new_tokens=MAX_NEW)
+    ended = [d for d in decode_with_attention(marian["model"], marian["tok"], sources[:40], MAX_NEW)
+             if len(d.output_ids) < MAX_NEW]  # cut at MAX_NEW, the server never runs the step after the last token
+    assert len(ended) >= 3
+    try:  # the server aligns by the method the manifest records
+        with AttnServeClient(server.address) as client:
+            for d in ended[:6]:
+                text = d.source
+                got = client.predict(text, model="opus-tiny", max_new_tokens=MAX_NEW, alignment=True)
+                assert got.text == d.text
+                assert [(x.source_start, x.source_end, x.target_start, x.target_end) for x in got.alignment] \
+                    == [tuple(x) for x in links_of(d, method)]
+    finally:
+        server.stop()
+    assert evaluate([str(marian["ckpt"]), "--alignment", "--data", str(data), "--pairs", "50"]) == 0
+    out = capsys.readouterr().out
+    assert f"Dice over {corpus_lexicon(data).pairs} corpus pairs" in out and "the default method: agreement" in out
