@@ -211,7 +211,8 @@ def test_parallel_data_chooses_the_heads_of_an_imported_model_by_the_lexical_bas
     from model_src.evaluate import main as evaluate
 
     sources = sentences(SOURCE_WORDS, 300, seed=5)
-    outputs = [d.text for d in decode_with_attention(marian["model"], marian["tok"], sources, MAX_NEW)]
+    decoded = decode_with_attention(marian["model"], marian["tok"], sources, MAX_NEW)
+    outputs = [d.text for d in decoded]
     data = tmp_path / "parallel.tsv"  # the model's own outputs stand in for translations (its weights are random)
     data.write_text("".join(f"{s}\t{t}\n" for s, t in zip(sources, outputs, strict=True) if t.strip()))
     repo = tmp_path / "repo"
@@ -223,8 +224,7 @@ def test_parallel_data_chooses_the_heads_of_an_imported_model_by_the_lexical_bas
     assert 0 < test["pairs"] <= 100 and 0 <= test["agreement"] <= 1 and "agreement" in test["default_method"]
     method = AlignmentMethod.from_dict(record["method"])
     server = start(repo, max_new_tokens=MAX_NEW)
-    ended = [d for d in decode_with_attention(marian["model"], marian["tok"], sources[:40], MAX_NEW)
-             if len(d.output_ids) < MAX_NEW]  # cut at MAX_NEW, the server never runs the step after the last token
+    ended = [d for d in decoded if len(d.output_ids) < MAX_NEW]  # cut at MAX_NEW, no step follows the last token
     assert len(ended) >= 3
     try:  # the server aligns by the method the manifest records
         with AttnServeClient(server.address) as client:
