@@ -14,6 +14,7 @@ as it streams); needs numpy, nothing else.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 from dataclasses import dataclass
@@ -88,12 +89,13 @@ def source_mask(spans: list[tuple[int, int]], text: str) -> tuple[np.ndarray | N
     """What may be aligned to, as additive masks (0 where allowed, -inf elsewhere): source tokens that cover some
     source text; and those whose text has a letter or digit (where an output token with a letter or digit aligns).
     None where nothing is allowed."""
-    def additive(allowed: list[bool]) -> np.ndarray | None:
-        return np.where(allowed, 0.0, -np.inf).astype(np.float32) if any(allowed) else None
-
-    valid = [end > start for start, end in spans]
-    content = [_ALNUM.search(text, start, end) is not None for start, end in spans]
-    return additive(valid), additive(content)
+    valid, content = np.zeros(len(spans), np.float32), np.zeros(len(spans), np.float32)  # (S,) each
+    for i, (start, end) in enumerate(spans):
+        if end <= start:
+            valid[i] = -np.inf
+        if _ALNUM.search(text, start, end) is None:
+            content[i] = -np.inf
+    return (valid if np.isfinite(valid).any() else None), (content if np.isfinite(content).any() else None)
 
 
 class Aligner:
@@ -160,21 +162,22 @@ def clip(links: list[Link], text_length: int) -> list[Link]:
     return [x._replace(target_end=min(x.target_end, text_length)) for x in links if x.target_start < text_length]
 
 
-def _words(text: str) -> list[tuple[int, int]]:
-    return [m.span() for m in _WORD.finditer(text)]
+def _words(text: str) -> tuple[list[int], list[int]]:
+    """The starts and the ends of the whitespace-separated words, in order."""
+    spans = [m.span() for m in _WORD.finditer(text)]
+    return [a for a, _ in spans], [b for _, b in spans]
 
 
-def _word_of(words: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
-    return [w for w in words if w[0] < end and start < w[1]]
+def _word_of(words: tuple[list[int], list[int]], start: int, end: int) -> range:
+    """The indices of the words that overlap characters [start, end)."""
+    starts, ends = words
+    return range(bisect.bisect_right(ends, start), bisect.bisect_left(starts, end))
 
 
 def word_links(links: list[Link], source: str, target: str) -> list[Link]:
     """The links joined to whole words (whitespace-separated) on both sides, each word pair once, in target
     order; links that cover only whitespace give none."""
-    src_words, tgt_words = _words(source), _words(target)
-    out: dict[Link, None] = {}
-    for x in links:
-        for t in _word_of(tgt_words, x.target_start, x.target_end):
-            for s in _word_of(src_words, x.source_start, x.source_end):
-                out[Link(s[0], s[1], t[0], t[1])] = None
-    return sorted(out, key=lambda x: (x.target_start, x.source_start))
+    src, tgt = _words(source), _words(target)
+    pairs = {(t, s) for x in links for t in _word_of(tgt, x.target_start, x.target_end)
+             for s in _word_of(src, x.source_start, x.source_end)}
+    return [Link(src[0][s], src[1][s], tgt[0][t], tgt[1][t]) for t, s in sorted(pairs)]

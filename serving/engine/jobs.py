@@ -165,8 +165,12 @@ class SequenceJob(Job):
         if not self.params.greedy:
             self.rng = np.random.default_rng(self.params.seed)
         self.detokenizer = Detokenizer(self.tokenizer)  # text a token at a time, not the whole output each step
-        self.aligner = Aligner(self.align.method, list(self.align.spans), self.align.source) \
-            if self.align is not None else None
+
+    @functools.cached_property
+    def aligner(self) -> Aligner | None:
+        """Built at the first step, where the job runs (a server's copy of a job an engine process runs never
+        steps)."""
+        return Aligner(self.align.method, list(self.align.spans), self.align.source) if self.align is not None else None
 
     def _aligned_finish(self, reason: str, now: float) -> FinishEvent:
         finish = self._finish(reason, len(self.tokens), self.text, now, self.first_token)
