@@ -59,24 +59,25 @@ def _noun_phrase(rng: random.Random, at: int) -> tuple[list[str], Words]:
     return en, fr
 
 
+def _add(rng: random.Random, en: list[str], fr: Words, choices: tuple, phrase: bool) -> None:
+    """A word of `choices` at the end of both sentences, then, if `phrase`, a noun phrase."""
+    word, translation = rng.choice(choices)
+    fr.append((word, translation, len(en)))
+    en.append(word)
+    if phrase:
+        more, more_fr = _noun_phrase(rng, len(en))
+        en += more
+        fr += more_fr
+
+
 def sentence(rng: random.Random) -> tuple[str, str, list[tuple[int, int]]]:
     """A source, its translation and the true word links (source word index, target word index)."""
     en, fr = _noun_phrase(rng, 0)
-    verb, verbe = rng.choice(VERBS)
-    fr.append((verb, verbe, len(en)))
-    en.append(verb)
-    more, more_fr = _noun_phrase(rng, len(en))
-    en, fr = en + more, fr + more_fr
+    _add(rng, en, fr, VERBS, phrase=True)
     if rng.random() < 0.5:
-        prep, prep_fr = rng.choice(PREPOSITIONS)
-        fr.append((prep, prep_fr, len(en)))
-        en.append(prep)
-        more, more_fr = _noun_phrase(rng, len(en))
-        en, fr = en + more, fr + more_fr
+        _add(rng, en, fr, PREPOSITIONS, phrase=True)
     if rng.random() < 0.4:
-        adv, adv_fr = rng.choice(ADVERBS)
-        fr.append((adv, adv_fr, len(en)))
-        en.append(adv)
+        _add(rng, en, fr, ADVERBS, phrase=False)
     gold = [(at, j) for j, (_, _, at) in enumerate(fr)]
     return " ".join(en), " ".join(w for _, w, _ in fr), gold
 
