@@ -216,9 +216,9 @@ class Manifest:
     source_checkpoint: dict | None
     export_seconds: float | None
     # How outputs are aligned to sources: {"method": {"heads": [[layer, head], ...], "shift": 0 | 1},
-    # "chosen_by": "gold" | "lexical" | "default", "measured": figures against the task's gold or the lexical
-    # baseline, or null}; absent in versions
-    # exported before alignments, which serving aligns by the default method (model_repository.alignment).
+    # "chosen_by": "gold" | "lexical" | "default", "measured": figures against the task's gold or against the
+    # lexical baseline (model_src.lexical), or null}; absent in versions exported before alignments, which
+    # serving aligns by the default method (model_repository.alignment).
     alignment: dict | None = None
 
     @classmethod

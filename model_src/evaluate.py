@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [args.split] if args.split else ["test", *task.extra_tests]
     if args.alignment:
         data = args.data or (Path(config["data"]) if config.get("data") else None)
-        return _alignment(model, tok, task, {n: splits[n] for n in names}, args.pairs, data, seed)
+        return _alignment(model, tok, task, {n: splits[n] for n in names}, args.pairs, data)
     for name in names:
         pairs = encode_pairs(tok, splits[name])
         start = time.monotonic()
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _alignment(model, tok, task, splits: dict, n: int, data: Path | None, seed: int) -> int:
+def _alignment(model, tok, task, splits: dict, n: int, data: Path | None) -> int:
     from .alignment_eval import has_gold, measure
 
     if not has_gold(task):
@@ -64,7 +64,7 @@ def _alignment(model, tok, task, splits: dict, n: int, data: Path | None, seed: 
             print(f"attnserve evaluate: error: task {task.name!r} has no gold alignment (dates, reverse and copy "
                   "do), and no parallel corpus for the lexical baseline: pass --data FILE.tsv", file=sys.stderr)
             return 2
-        return _lexical(model, tok, task, splits, n, data, seed)
+        return _lexical(model, tok, task, splits, n, data)
     start = time.monotonic()
     method, measured = measure(model, tok, task, splits, n, n)
     best = measured["chosen_on"]
@@ -81,18 +81,21 @@ def _alignment(model, tok, task, splits: dict, n: int, data: Path | None, seed: 
     return 0
 
 
-def _lexical(model, tok, task, splits: dict, n: int, data: Path, seed: int) -> int:
+def _lexical(model, tok, task, splits: dict, n: int, data: Path) -> int:
     """No gold: choose the heads by agreement with a lexical baseline (Dice over the corpus, competitive linking)
-    on the validation pairs' outputs, as export does, and report it and the default method on each split."""
+    on the validation pairs' outputs, as export does, and report it and the default method on each split. `task`
+    is the corpus's (`--data`, or the one the checkpoint was trained on)."""
     from .alignment_eval import corpus_lexicon, measure_lexical
-    from .tasks import tsv_task
 
     start = time.monotonic()
-    lexicon = corpus_lexicon(data)
-    held = tsv_task(data, seed)
-    method, measured = measure_lexical(model, tok, lexicon, held.validation[:n], {k: v[:n] for k, v in splits.items()})
+    try:
+        lexicon = corpus_lexicon(data)
+    except CorpusError as e:
+        print(f"attnserve evaluate: error: {e}", file=sys.stderr)
+        return 2
+    method, measured = measure_lexical(model, tok, lexicon, task.validation[:n], {k: v[:n] for k, v in splits.items()})
     print(f"{task.name}: no gold alignment; word links compared with a lexical baseline ({measured['baseline']}) on "
-          f"the model's own outputs. Chosen on {min(n, len(held.validation))} validation pairs among "
+          f"the model's own outputs. Chosen on {min(n, len(task.validation))} validation pairs among "
           f"{measured['candidates_tried']} tried: {method.describe()}")
     for name in splits:
         for label, a in (("chosen", measured[name]), ("default", measured[name]["default_method"])):
