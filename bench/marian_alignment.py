@@ -87,18 +87,16 @@ def corpus(n: int, seed: int) -> list[tuple[str, str, list[tuple[int, int]]]]:
     return [sentence(rng) for _ in range(n)]
 
 
-def _word_pairs(links, source: str, target: str) -> set[tuple[int, int]]:
-    """Character-offset word links as (source word index, target word index)."""
-    from model_src.lexical import words
+def _vs_truth(decoded, held, links) -> dict:
+    """Word links (`links(decoded)`) against the generator's truth, over the outputs that are the reference."""
+    from model_src.lexical import scores, word_indices
 
-    s = {w[0]: i for i, w in enumerate(words(source))}
-    t = {w[0]: j for j, w in enumerate(words(target))}
-    return {(s[x.source_start], t[x.target_start]) for x in links}
-
-
-def _prf(both: int, mine: int, gold: int) -> dict:
-    p, r = both / max(mine, 1), both / max(gold, 1)
-    return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(2 * p * r / (p + r) if p + r else 0, 4)}
+    both = mine = truth = 0
+    for d, (_, tgt, gold) in zip(decoded, held, strict=True):
+        if d.text == tgt:
+            found = word_indices(links(d), d.source, d.text)
+            both, mine, truth = both + len(found & set(gold)), mine + len(found), truth + len(gold)
+    return scores(both, mine, truth)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,27 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     validation = [(s, t) for s, t, _ in corpus(500, 3)]
     chosen, measured = measure_lexical(model, tok, lexicon, validation, {})
     default = AlignmentMethod.default(model.config.n_decoder_layers, model.config.n_heads)
-    rows = []
-    for label, method in (("chosen by the baseline (export with --alignment-data)", chosen),
-                          ("the default (no parallel data)", default)):
-        counts = [0, 0, 0]  # against the truth: in both, the method's, the truth's (exact outputs only)
-        for d, (_, tgt, gold) in zip(decoded, held, strict=True):
-            if d.text == tgt:
-                mine = _word_pairs(word_links(links_of(d, method), d.source, d.text), d.source, d.text)
-                counts = [counts[0] + len(mine & set(gold)), counts[1] + len(mine), counts[2] + len(gold)]
-        rows.append({"method": label, "heads": method.describe(),
-                     "vs_baseline": lexical_agreement(decoded, lexicon, method), "vs_truth": _prf(*counts)})
-    base = [0, 0, 0]
-    for d, (_, tgt, gold) in zip(decoded, held, strict=True):
-        if d.text == tgt:
-            theirs = _word_pairs(lexicon.align(d.source, d.text), d.source, d.text)
-            base = [base[0] + len(theirs & set(gold)), base[1] + len(theirs), base[2] + len(gold)]
+    rows = [{"method": label, "heads": method.describe(),
+             "vs_baseline": lexical_agreement(decoded, lexicon, method),
+             "vs_truth": _vs_truth(decoded, held, lambda d, m=method: word_links(links_of(d, m), d.source, d.text))}
+            for label, method in (("chosen by the baseline (export with --alignment-data)", chosen),
+                                  ("the default (no parallel data)", default))]
+    base = _vs_truth(decoded, held, lambda d: lexicon.align(d.source, d.text))
     result = {"shape": shape.__dict__, "steps": args.steps, "training": metrics, "held_out_pairs": len(held),
-              "exact_match": round(exact, 4), "baseline_vs_truth": _prf(*base), "methods": rows,
+              "exact_match": round(exact, 4), "baseline_vs_truth": base, "methods": rows,
               "candidates_tried": measured["candidates_tried"],
               "minutes": round((time.monotonic() - start) / 60, 1)}
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"held-out exact match {exact:.2%}; the lexical baseline against the truth: {_prf(*base)}")
+    print(f"held-out exact match {exact:.2%}; the lexical baseline against the truth: {base}")
     for row in rows:
         a, t = row["vs_baseline"], row["vs_truth"]
         print(f"  {row['method']}, {row['heads']}: agreement with the baseline "

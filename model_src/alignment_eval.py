@@ -26,7 +26,7 @@ from model_repository.markup import parse, place
 from model_repository.tokenizer import Detokenizer
 
 from .decoding import generate, pad_batch
-from .lexical import DiceLexicon, agreement
+from .lexical import DiceLexicon, agreement, scores
 from .model import Seq2SeqTransformer
 from .tasks import gold_alignment, tsv_task
 
@@ -193,9 +193,9 @@ def lexical_agreement(decoded: list[Decoded], lexicon: DiceLexicon, method: Alig
     for d in decoded:
         b, m, r = agreement(word_links(links_of(d, method), d.source, d.text), lexicon.align(d.source, d.text))
         both, mine, theirs = both + b, mine + m, theirs + r
-    p, r = both / max(mine, 1), both / max(theirs, 1)
+    s = scores(both, mine, theirs)
     return {"pairs": len(decoded), "word_links": mine, "baseline_links": theirs, "in_both": both,
-            "precision": round(p, 5), "recall": round(r, 5), "agreement": round(2 * p * r / (p + r) if p + r else 0, 5)}
+            "precision": s["precision"], "recall": s["recall"], "agreement": s["f1"]}
 
 
 def _lexical_key(a: dict) -> tuple:

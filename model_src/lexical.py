@@ -71,3 +71,16 @@ def agreement(mine: Iterable[Link], reference: Iterable[Link]) -> tuple[int, int
     """(links in both, links in `mine`, links in `reference`): word links compared as sets."""
     a, b = set(mine), set(reference)
     return len(a & b), len(a), len(b)
+
+
+def scores(both: int, mine: int, reference: int) -> dict:
+    """Precision (of `mine`), recall (of `reference`) and their F1, from the counts `agreement` gives."""
+    p, r = both / max(mine, 1), both / max(reference, 1)
+    return {"precision": round(p, 5), "recall": round(r, 5), "f1": round(2 * p * r / (p + r) if p + r else 0.0, 5)}
+
+
+def word_indices(links: Iterable[Link], source: str, target: str) -> set[tuple[int, int]]:
+    """Whole-word links (as `word_links` or `DiceLexicon.align` give them) as (source word, target word) indices."""
+    s = {w[0]: i for i, w in enumerate(words(source))}
+    t = {w[0]: j for j, w in enumerate(words(target))}
+    return {(s[x.source_start], t[x.target_start]) for x in links}

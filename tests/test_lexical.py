@@ -5,20 +5,14 @@ from __future__ import annotations
 
 from bench.marian_alignment import corpus
 from model_repository.alignment import Link
-from model_src.lexical import DiceLexicon, agreement, words
-
-
-def _pairs(links: list[Link], source: str, target: str) -> set[tuple[int, int]]:
-    s = {w[0]: i for i, w in enumerate(words(source))}
-    t = {w[0]: j for j, w in enumerate(words(target))}
-    return {(s[x.source_start], t[x.target_start]) for x in links}
+from model_src.lexical import DiceLexicon, agreement, word_indices
 
 
 def test_the_lexical_baseline_finds_the_generators_word_links():
     lexicon = DiceLexicon((s, t) for s, t, _ in corpus(5000, 1))
     both = mine = truth = 0
     for source, target, gold in corpus(300, 2):  # held out: another seed
-        found = _pairs(lexicon.align(source, target), source, target)
+        found = word_indices(lexicon.align(source, target), source, target)
         both, mine, truth = both + len(found & set(gold)), mine + len(found), truth + len(gold)
     assert both / mine >= 0.98 and both / truth >= 0.98, (both, mine, truth)
 
